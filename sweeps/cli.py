@@ -1,0 +1,86 @@
+"""The command line of ``sweeps/run.py``. Hyperparameter defaults live in the space
+files, not here: a flag left out means "what the space says"."""
+
+from __future__ import annotations
+
+import argparse
+
+from search_spaces.loader import available
+
+EPILOG = """examples:
+  python sweeps/run.py --space lr_decay                      # the embedded digits demo
+  python sweeps/run.py --space lr_decay --data ~/flowers --model resnet50 --gpus-per-trial 0.25
+  python sweeps/run.py --space smoke --set batch_size=16 --trials 2
+  python sweeps/run.py --space lr_decay --name nightly --resume   # continue a killed sweep
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sweeps/run.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Fine-tune a pretrained torchvision classifier many times at once: Ray Tune "
+                    "runs the trials, Optuna's TPE picks the settings, ASHA stops weak trials "
+                    "early, MLflow records every trial and keeps the best checkpoint.")
+    what = p.add_argument_group("what to sweep")
+    what.add_argument("--space", required=True, metavar="NAME|FILE",
+                      help=f"search space: a name in search_spaces/ ({', '.join(available())}) "
+                           "or a path to a YAML file")
+    what.add_argument("--data", metavar="DIR",
+                      help="ImageFolder dataset: DIR/train and DIR/val if both exist, else DIR/<class>/* "
+                           "split by a seeded stratified split. Default: the embedded digits demo")
+    what.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
+                      help="validation share when DIR has no train/val folders (default 0.2)")
+    what.add_argument("--skip-bad-images", action="store_true",
+                      help="leave out unreadable images instead of stopping (their list is logged)")
+    what.add_argument("--model", metavar="NAME",
+                      help="any torchvision classification model (default resnet18)")
+    what.add_argument("--weights", metavar="imagenet|none|PATH",
+                      help="pretrained weights: torchvision's ImageNet weights from its cache, none, or "
+                           "a torchvision state_dict file (default: imagenet; the demo uses its own "
+                           "digits 0-4 backbone)")
+    what.add_argument("--image-size", type=int, metavar="N",
+                      help="images are resized and centre-cropped to N x N (default 224; demo 32)")
+    what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                      help="fix a trial config value of the space, e.g. --set batch_size=64 (repeatable)")
+
+    budget = p.add_argument_group("budget and resources")
+    budget.add_argument("--trials", type=int, metavar="N", help="number of trials (default: the space's)")
+    budget.add_argument("--max-epochs", type=int, metavar="N",
+                        help="epochs per trial, also ASHA's max_t (default: the space's)")
+    budget.add_argument("--cpus-per-trial", type=float, default=1, metavar="C",
+                        help="CPUs per trial; torch uses this many threads (default 1)")
+    budget.add_argument("--gpus-per-trial", type=float, default=0, metavar="G",
+                        help="GPUs per trial; fractions pack trials onto one GPU, e.g. 0.25 (default 0)")
+    budget.add_argument("--max-concurrent", type=int, metavar="N",
+                        help="run at most N trials at once (default: as many as resources allow)")
+    budget.add_argument("--time-budget", type=float, metavar="SECONDS",
+                        help="stop starting and running trials after this many seconds")
+    budget.add_argument("--max-failures", type=int, default=1, metavar="N",
+                        help="retry a failing trial from its last checkpoint up to N times (default 1)")
+    budget.add_argument("--seed", type=int, metavar="N", help="seed for TPE and every trial (default: the space's)")
+
+    where = p.add_argument_group("where results go")
+    where.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
+                       help="MLflow tracking URI (default sqlite:///mlflow.db in the working directory)")
+    where.add_argument("--experiment", metavar="NAME",
+                       help="MLflow experiment (default: ftsweep-<dataset folder name>)")
+    where.add_argument("--storage", default="sweep_results", metavar="PATH_OR_URI",
+                       help="Ray Tune results and checkpoints: a folder, shared path or s3:// / gs:// "
+                            "URI (default ./sweep_results)")
+    where.add_argument("--name", metavar="SWEEP", help="sweep name (default <space>-<date>-<time>)")
+    where.add_argument("--resume", action="store_true",
+                       help="continue the sweep --name (default: the newest sweep of --space) where it stopped")
+    where.add_argument("--ray-address", metavar="ADDR",
+                       help="Ray cluster to join (default: $RAY_ADDRESS, as set inside a Ray job, "
+                            "else a local Ray on this machine)")
+    return p
+
+
+def parse_sets(pairs: list[str]) -> dict[str, str]:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--set expects KEY=VALUE, got {pair!r}")
+        out[key.strip()] = value.strip()
+    return out

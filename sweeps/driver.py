@@ -1,0 +1,93 @@
+"""Ray Tune wiring: the trainable with its resources, OptunaSearch, ASHA, storage."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray import tune
+from ray.tune.schedulers import ASHAScheduler
+from ray.tune.search import ConcurrencyLimiter
+
+from trainables.ray_trial import trainable
+
+METRIC, MODE = "val_acc", "max"
+COLUMNS = {"epoch": "epoch", "val_acc": "val_acc", "val_loss": "val_loss", "img_per_s": "img/s"}
+
+
+def param_space(space) -> dict:
+    """Tune distributions for the searched keys, constants for the rest of the config."""
+    return {**space.config().to_dict(), **{n: _distribution(p) for n, p in space.search.items()}}
+
+
+def _distribution(p):
+    if p.type == "uniform":
+        return tune.uniform(p.low, p.high)
+    if p.type == "loguniform":
+        return tune.loguniform(p.low, p.high)
+    if p.type == "int":
+        return tune.randint(int(p.low), int(p.high) + 1)  # Tune's randint excludes high
+    return tune.choice(list(p.values))
+
+
+def search_algorithm(space, max_concurrent: int | None):
+    if not space.search:
+        return None  # a fixed recipe: nothing to search
+    import optuna
+    from ray.tune.search.optuna import OptunaSearch
+
+    # constant_liar: running trials count as pessimistic results, so parallel TPE samples
+    # spread out instead of piling onto the same point.
+    sampler = optuna.samplers.TPESampler(seed=space.seed, multivariate=True, constant_liar=True,
+                                         n_startup_trials=space.n_startup_trials)
+    search = OptunaSearch(sampler=sampler, metric=METRIC, mode=MODE)
+    return ConcurrencyLimiter(search, max_concurrent) if max_concurrent else search
+
+
+def build_tuner(plan, callbacks: list) -> tune.Tuner:
+    space = plan.space
+    max_t = space.config().total_epochs
+    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+                              grace_period=min(space.grace_period, max_t),
+                              reduction_factor=space.reduction_factor)
+    run_config = tune.RunConfig(
+        name=plan.name, storage_path=plan.storage, callbacks=callbacks,
+        # Keeps the best checkpoint of each trial plus (always) its latest, to resume from.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
+                                                checkpoint_score_order=MODE),
+        failure_config=tune.FailureConfig(max_failures=plan.max_failures),
+        progress_reporter=tune.CLIReporter(metric_columns=COLUMNS, max_report_frequency=10,
+                                           parameter_columns=list(space.search)),
+        verbose=1)
+    trainable_ = tune.with_resources(tune.with_parameters(trainable, data=plan.data), plan.resources)
+    if plan.resume and _exists(plan):
+        return tune.Tuner.restore(plan.sweep_dir, trainable=trainable_, resume_errored=True,
+                                  param_space=param_space(space))
+    tune_config = tune.TuneConfig(
+        metric=METRIC, mode=MODE, num_samples=plan.trials, scheduler=scheduler,
+        search_alg=search_algorithm(space, plan.max_concurrent),
+        max_concurrent_trials=None if space.search else plan.max_concurrent,
+        reuse_actors=True, time_budget_s=plan.time_budget,
+        trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
+    return tune.Tuner(trainable_, param_space=param_space(space), tune_config=tune_config,
+                      run_config=run_config)
+
+
+def _trial_name(trial) -> str:
+    return f"trial_{trial.trial_id}"
+
+
+def _exists(plan) -> bool:
+    return tune.Tuner.can_restore(plan.sweep_dir)
+
+
+def init_ray(address: str | None) -> None:
+    """Join ``address`` (inside a Ray job, $RAY_ADDRESS) or start Ray on this machine."""
+    # The table of trials is the progress display; Tune's per-result boxes and snapshot
+    # warnings drown it. Worker logs stay in Ray's session folder.
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    if address:
+        ray.init(address=address, log_to_driver=False)
+    else:
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)

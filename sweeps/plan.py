@@ -1,0 +1,142 @@
+"""Turn the command line into a checked sweep plan, before any trial, run or cluster starts.
+
+Everything a user can get wrong is found here and reported as a ``UsageError`` naming
+the culprit; ``run.py`` turns it into exit code 2.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from search_spaces.loader import Space, SpaceError, load_space
+from sweeps.cli import parse_sets
+from trainables import demo
+from trainables.data import DataError, DataHandle, scan
+from trainables.models import ModelError, build_model, check_model_name, normalization, num_stages
+
+
+class UsageError(Exception):
+    """Bad input: the sweep cannot start. The message says what and where."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    space: Space
+    data: DataHandle
+    name: str
+    storage: str  # absolute path or URI that Ray Tune writes under
+    tracking_uri: str
+    experiment: str
+    dataset_label: str
+    resources: dict
+    max_concurrent: int | None
+    trials: int
+    time_budget: float | None
+    max_failures: int
+    resume: bool
+    ray_address: str | None
+
+    @property
+    def sweep_dir(self) -> str:
+        return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def is_local(self) -> bool:
+        return "://" not in self.storage
+
+
+def prepare(args, log=print) -> Plan:
+    try:
+        return _prepare(args, log)
+    except (SpaceError, DataError, ModelError, ValueError) as e:
+        raise UsageError(str(e)) from None
+
+
+def _prepare(args, log) -> Plan:
+    from sweeps.tracking import check_tracking_uri
+
+    space = load_space(args.space)
+    sets = parse_sets(args.set)
+    is_demo = args.data is None
+    model = args.model or sets.pop("model", None) or space.fixed.get("model", "resnet18")
+    check_model_name(model)
+    fixed = {**sets, "model": model,
+             "image_size": args.image_size or sets.pop("image_size", None) or
+             (demo.IMAGE_SIZE if is_demo else space.config().image_size)}
+    if args.max_epochs is not None:
+        fixed["max_epochs"] = args.max_epochs
+    space = space.override(**fixed)
+    if args.seed is not None:
+        space = replace(space, seed=args.seed)
+    _check_frozen_depth(space, model)
+    _check_resources(args)
+    check_tracking_uri(args.tracking_uri)
+
+    cfg = space.config()
+    root = demo.transfer_folder() if is_demo else Path(args.data).expanduser()
+    dataset = scan(root, val_fraction=args.val_fraction, seed=space.seed)
+    weights = args.weights or sets.get("weights") or ("demo" if is_demo else cfg.weights)
+    mean, std = normalization(model, weights if weights == "imagenet" else "none")
+    if weights == "demo":
+        weights = str(demo.pretrained_backbone(model, cfg.image_size, log=log))
+    # Fail now, not in every trial, when the weights are missing or do not fit the model.
+    build_model(model, len(dataset.classes), weights)
+    space = space.override(weights=weights)
+
+    data = DataHandle(dataset, cfg.image_size, str(demo.cache_root() / "decoded"), mean, std)
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+    label = "digits5-9" if is_demo else root.name
+    return Plan(
+        space=space, data=data, name=_sweep_name(args, space, storage), storage=storage,
+        tracking_uri=args.tracking_uri, experiment=args.experiment or f"ftsweep-{label}",
+        dataset_label=label,
+        resources={"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
+        max_concurrent=args.max_concurrent, trials=args.trials or space.trials,
+        time_budget=args.time_budget, max_failures=args.max_failures, resume=args.resume,
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"))
+
+
+def _check_frozen_depth(space: Space, model: str) -> None:
+    param = space.search.get("frozen_depth")
+    deepest = int(param.high if param and param.type != "choice"
+                  else max(param.values) if param else space.config().frozen_depth)
+    if deepest == 0:
+        return
+    stages = num_stages(model)
+    if deepest > stages:
+        raise UsageError(f"{space.path}: frozen_depth goes up to {deepest}, but {model} has "
+                         f"{stages} stages (frozen_depth 0..{stages})")
+
+
+def _check_resources(args) -> None:
+    if args.cpus_per_trial <= 0:
+        raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
+    if args.gpus_per_trial < 0:
+        raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
+    if args.gpus_per_trial > 0 and not (args.ray_address or os.environ.get("RAY_ADDRESS")):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: this machine has no "
+                             "CUDA GPU (torch.cuda.is_available() is False)")
+    if args.trials is not None and args.trials < 1:
+        raise UsageError(f"--trials must be >= 1, got {args.trials}")
+
+
+def _sweep_name(args, space: Space, storage: str) -> str:
+    if args.name:
+        if not re.fullmatch(r"[\w.-]+", args.name):
+            raise UsageError(f"--name {args.name!r}: use letters, digits, '.', '-' and '_'")
+        return args.name
+    if args.resume:
+        if "://" in storage:
+            raise UsageError("--resume on remote storage needs --name")
+        found = sorted(Path(storage).glob(f"{space.name}-*"), key=lambda p: p.stat().st_mtime)
+        if not found:
+            raise UsageError(f"--resume: no sweep of space {space.name!r} under {storage}")
+        return found[-1].name
+    return f"{space.name}-{dt.datetime.now():%Y%m%d-%H%M%S}"

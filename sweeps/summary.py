@@ -1,0 +1,95 @@
+"""After the fit: count the trials, export the best checkpoint, write sweep_summary.json."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from sweeps.tracking import outcome_of, redact
+
+METRIC, MODE = "val_acc", "max"
+
+
+def count_trials(results, max_epochs: int) -> dict:
+    counts = {"completed": 0, "stopped_early": 0, "errored": 0}
+    for r in results:
+        counts[outcome_of(r.metrics or {}, r.error is not None, max_epochs)] += 1
+    return counts
+
+
+def best_trial(results):
+    """The result, epoch metrics and checkpoint of the best epoch of any trial, or None."""
+    best = None
+    for r in results:
+        for ckpt, metrics in r.best_checkpoints or []:
+            if METRIC in metrics and (best is None or metrics[METRIC] > best[1][METRIC]):
+                best = (r, metrics, ckpt)
+    return best
+
+
+def export_best(checkpoint, out_dir: Path, plan) -> dict:
+    """Write ``best/model.pt`` (a plain torchvision state_dict) and ``best/meta.json``,
+    atomically: a reader sees the old pair or the new one, never half of one."""
+    with checkpoint.as_directory() as src:
+        ckpt = torch.load(Path(src) / "checkpoint.pt", map_location="cpu", weights_only=True)
+    meta = {"model": ckpt["config"]["model"], "classes": ckpt["classes"],
+            "image_size": ckpt["image_size"], "mean": ckpt["mean"], "std": ckpt["std"],
+            "config": ckpt["config"], "val_acc": ckpt["state"]["best_val_acc"],
+            "epoch": ckpt["state"]["epoch"]}
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".best-"))
+    torch.save(ckpt["model"], tmp / "model.pt")
+    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    if out_dir.exists():
+        old = out_dir.with_name(f".old-{out_dir.name}")
+        os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        for f in old.iterdir():
+            f.unlink()
+        old.rmdir()
+    else:
+        os.replace(tmp, out_dir)
+    return meta
+
+
+def checkpoint_bytes(sweep_dir: Path) -> int:
+    return sum(f.stat().st_size for f in sweep_dir.glob("*/checkpoint_*/**/*") if f.is_file())
+
+
+def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending: list) -> dict:
+    max_epochs = plan.space.config().total_epochs
+    summary = {
+        "name": plan.name, "space": plan.space.name, "tracking_uri": redact(plan.tracking_uri),
+        "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id,
+        "trials": count_trials(results, max_epochs), "wall_s": round(wall_s, 2),
+        "total_trial_epochs": sum(int((r.metrics or {}).get("epoch", 0)) for r in results),
+        "best": None, "sweep_dir": plan.sweep_dir, "model": plan.space.config().model,
+        "dataset": plan.dataset_label, "unlogged_mlflow_writes": len(pending),
+    }
+    if plan.is_local:
+        summary["checkpoint_bytes"] = checkpoint_bytes(Path(plan.sweep_dir))
+    if best is not None:
+        result, metrics, _ = best
+        summary["best"] = {
+            "config": {k: result.config[k] for k in sorted(result.config)},
+            "val_acc": metrics[METRIC], "epoch": int(metrics["epoch"]),
+            "run_id": tracker.run_id(_trial_id(result)),
+            "checkpoint": str(best_dir / "model.pt"),
+        }
+    return summary
+
+
+def _trial_id(result) -> str:
+    return (result.metrics or {}).get("trial_id", "")
+
+
+def write_summary(summary: dict, sweep_dir: Path) -> Path:
+    path = sweep_dir / "sweep_summary.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, path)
+    return path

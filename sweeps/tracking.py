@@ -1,0 +1,267 @@
+"""MLflow on the driver side: one parent run per sweep, one nested child run per trial.
+
+Only the driver writes (no sqlite lock storms from many trial processes). Every write
+goes through ``Writer``: it is retried, queued while the tracking server is away, and
+whatever could still not be sent at the end is kept on disk and reported.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
+from ray.tune import Callback
+
+EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "lr", "img_per_s", "epoch_s")
+TAG_SWEEP, TAG_ROLE, TAG_TRIAL = "ftsweep.sweep", "ftsweep.role", "ftsweep.trial_id"
+SHORT = {"lr": "lr", "decay_power": "γ", "frozen_depth": "frozen", "weight_decay": "wd",
+         "optimizer": "opt", "batch_size": "bs"}
+
+
+def redact(uri: str) -> str:
+    """The URI without a password, fit to print or log."""
+    parts = urllib.parse.urlsplit(uri)
+    if parts.password is None:
+        return uri
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
+
+
+def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
+    """Fail in seconds, naming the URI, when the tracking server cannot be reached."""
+    from sweeps.plan import UsageError
+
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in ("http", "https"):
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+                r.read()
+        except (urllib.error.URLError, OSError) as e:
+            reason = getattr(e, "reason", e)
+            raise UsageError(f"MLflow tracking server {redact(uri)} is unreachable ({reason}); "
+                             "start it or pass another --tracking-uri") from None
+    elif scheme == "sqlite":
+        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
+        if not folder.is_dir():
+            raise UsageError(f"--tracking-uri {uri}: folder {folder} does not exist")
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent, timeout=5)
+        return out.stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class Writer:
+    """Sends MLflow writes in order; keeps them queued while the server is unreachable.
+
+    Runs are named by a key ("parent" or a trial id) and created lazily, so a trial whose
+    child run could not be created yet still keeps its metrics queued behind it.
+    """
+
+    def __init__(self, client: MlflowClient, spool: Path | None = None, retry_s: float = 5.0):
+        self.client, self.spool, self.retry_s = client, spool, retry_s
+        self.run_ids: dict[str, str] = {}
+        self.queue: list[tuple[str, str, dict]] = []
+        self.failed_at = 0.0
+        self.last_error: Exception | None = None
+
+    def __call__(self, op: str, key: str, **kw) -> None:
+        self.queue.append((op, key, kw))
+        if time.monotonic() - self.failed_at >= self.retry_s:
+            self.flush()
+
+    def flush(self) -> bool:
+        while self.queue:
+            op, key, kw = self.queue[0]
+            try:
+                self._send(op, key, kw)
+            except Exception as e:  # any transport or server error: keep it, retry later
+                self.failed_at, self.last_error = time.monotonic(), e
+                self._write_spool()
+                return False
+            self.queue.pop(0)
+        self._write_spool()
+        return True
+
+    def _send(self, op: str, key: str, kw: dict) -> None:
+        if op == "create":
+            self.run_ids[key] = self.client.create_run(**kw).info.run_id
+        elif op == "batch":
+            self.client.log_batch(self.run_ids[key], metrics=[Metric(**m) for m in kw["metrics"]],
+                                  params=[Param(k, v) for k, v in kw.get("params", {}).items()],
+                                  tags=[RunTag(k, v) for k, v in kw.get("tags", {}).items()])
+        elif op == "end":
+            self.client.set_terminated(self.run_ids[key], status=kw["status"])
+        elif op == "reopen":
+            self.client.update_run(self.run_ids[key], status="RUNNING")
+        elif op == "artifacts":
+            self.client.log_artifacts(self.run_ids[key], kw["local_dir"], kw.get("artifact_path"))
+
+    def _write_spool(self) -> None:
+        if self.spool is None:
+            return
+        if not self.queue:
+            self.spool.unlink(missing_ok=True)
+            return
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool, "w") as f:
+            for op, key, kw in self.queue:
+                f.write(json.dumps({"op": op, "run": self.run_ids.get(key, key), **kw}) + "\n")
+
+
+class SweepTracker:
+    """The sweep's parent run and the bookkeeping that maps trials to child runs."""
+
+    def __init__(self, plan, spool_dir: Path | None = None):
+        # Fail fast against a lost server instead of MLflow's default minutes of back-off;
+        # Writer does its own retrying.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.plan = plan
+        self.client = MlflowClient(plan.tracking_uri)
+        exp = self.client.get_experiment_by_name(plan.experiment)
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(plan.experiment)
+        spool = spool_dir / "mlflow_pending.jsonl" if spool_dir else None
+        self.write = Writer(self.client, spool)
+        self.trial_numbers: dict[str, int] = {}
+        self._start_parent()
+
+    def _runs(self, filter_string: str):
+        return self.client.search_runs([self.experiment_id], filter_string, max_results=10000)
+
+    def _start_parent(self) -> None:
+        plan = self.plan
+        sweep = f"tags.`{TAG_SWEEP}` = '{plan.name}'"
+        parents = self._runs(f"{sweep} and tags.`{TAG_ROLE}` = 'parent'") if plan.resume else []
+        if parents:  # --resume continues the same parent and its children
+            self.parent_id = self.write.run_ids["parent"] = parents[0].info.run_id
+            self.write("reopen", "parent")
+            for run in self._runs(f"{sweep} and tags.`{TAG_ROLE}` = 'trial'"):
+                trial_id = run.data.tags[TAG_TRIAL]
+                self.write.run_ids[trial_id] = run.info.run_id
+                self.trial_numbers[trial_id] = int(run.data.tags.get("ftsweep.trial_number", 0))
+            return
+        space, cfg = plan.space, plan.space.config()
+        tags = {TAG_SWEEP: plan.name, TAG_ROLE: "parent", "space": space.name, "model": cfg.model,
+                "dataset": plan.dataset_label, "dataset_fingerprint": plan.data.dataset.fingerprint,
+                "git_commit": git_commit(), MLFLOW_RUN_NOTE: self._description()}
+        self.write("create", "parent", experiment_id=self.experiment_id, run_name=plan.name, tags=tags)
+        if "parent" not in self.write.run_ids:
+            raise RuntimeError(f"could not create the sweep's MLflow run: {self.write.last_error}")
+        self.parent_id = self.write.run_ids["parent"]
+        params = {"space": space.name, "trials": plan.trials, "max_epochs": cfg.max_epochs,
+                  "searched": ",".join(space.search) or "-", **{f"fixed.{k}": v for k, v in space.fixed.items()},
+                  **{f"search.{k}": f"{p.type}{p.bounds()}" for k, p in space.search.items()},
+                  "cpus_per_trial": plan.resources["cpu"], "gpus_per_trial": plan.resources["gpu"],
+                  "classes": len(plan.data.classes), "train_images": len(plan.data.dataset.train),
+                  "val_images": len(plan.data.dataset.val), "image_size": plan.data.image_size}
+        self.write("batch", "parent", metrics=[], params={k: str(v)[:500] for k, v in params.items()})
+
+    def _description(self) -> str:
+        plan, cfg = self.plan, self.plan.space.config()
+        searched = ", ".join(f"{k} ({p.type} {p.bounds()})" for k, p in plan.space.search.items())
+        return (f"Space **{plan.space.name}**: {plan.space.description}\n\n"
+                f"Data: {plan.dataset_label} ({len(plan.data.dataset.train)} train / "
+                f"{len(plan.data.dataset.val)} val images, {len(plan.data.classes)} classes, "
+                f"{plan.data.image_size}px). Model: {cfg.model}.\n\n"
+                f"Budget: {plan.trials} trials x up to {cfg.total_epochs} epochs"
+                f"{f', {plan.time_budget:.0f} s' if plan.time_budget else ''}. "
+                f"Searched: {searched or 'nothing (a fixed recipe)'}.")
+
+    # --- per trial -------------------------------------------------------------------
+    def start_trial(self, trial_id: str, config: dict) -> None:
+        if trial_id in self.write.run_ids or any(k == trial_id for _, k, _ in self.write.queue):
+            return  # a resumed or retried trial continues its own run
+        number = self.trial_numbers[trial_id] = len(self.trial_numbers) + 1
+        name = f"trial-{number:03d} " + " ".join(
+            f"{SHORT.get(k, k)}={_fmt(config[k])}" for k in self.plan.space.search if k in config)
+        tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, TAG_SWEEP: self.plan.name, TAG_ROLE: "trial",
+                TAG_TRIAL: trial_id, "ftsweep.trial_number": str(number), "outcome": "running"}
+        self.write("create", trial_id, experiment_id=self.experiment_id, run_name=name.strip(), tags=tags)
+        self.write("batch", trial_id, metrics=[], params={k: str(v) for k, v in config.items()})
+
+    def log_epoch(self, trial_id: str, result: dict) -> None:
+        step, now = int(result["epoch"]), int(time.time() * 1000)
+        metrics = [dict(key=k, value=float(result[k]), timestamp=now, step=step)
+                   for k in (*EPOCH_METRICS, *result.get("extra_metrics", ())) if k in result]
+        self.write("batch", trial_id, metrics=metrics)
+
+    def end_trial(self, trial_id: str, outcome: str, reason: str = "") -> None:
+        tags = {"outcome": outcome, **({"stop_reason": reason} if reason else {})}
+        if outcome == "errored":
+            tags["error"] = reason[-5000:]
+        self.write("batch", trial_id, metrics=[], tags=tags)
+        self.write("end", trial_id, status="FAILED" if outcome == "errored" else "FINISHED")
+
+    def run_id(self, trial_id: str) -> str | None:
+        return self.write.run_ids.get(trial_id)
+
+    # --- the sweep -------------------------------------------------------------------
+    def finish(self, best_dir: Path | None, metrics: dict, failed: bool) -> list:
+        if best_dir is not None:
+            self.write("artifacts", "parent", local_dir=str(best_dir), artifact_path="best")
+        now = int(time.time() * 1000)
+        self.write("batch", "parent", metrics=[dict(key=k, value=float(v), timestamp=now, step=0)
+                                               for k, v in metrics.items()])
+        self.write("end", "parent", status="FAILED" if failed else "FINISHED")
+        self.write.flush()
+        return self.write.queue
+
+
+def outcome_of(last_result: dict, errored: bool, max_epochs: int) -> str:
+    """completed, stopped_early (by ASHA or patience) or errored."""
+    if errored:
+        return "errored"
+    if last_result.get("early_stopped") or int(last_result.get("epoch", 0)) < max_epochs:
+        return "stopped_early"
+    return "completed"
+
+
+def _fmt(value) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+class MlflowTrials(Callback):
+    """Ray Tune callback: mirrors every trial into its child run as it happens."""
+
+    def __init__(self, tracker: SweepTracker, max_epochs: int):
+        self.tracker, self.max_epochs = tracker, max_epochs
+        self.outcomes: dict[str, str] = {}
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self.tracker.start_trial(trial.trial_id, trial.config)
+
+    def on_trial_result(self, iteration, trials, trial, result, **info):
+        self.tracker.log_epoch(trial.trial_id, result)
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        last = trial.last_result or {}
+        outcome = outcome_of(last, False, self.max_epochs)
+        reason = "" if outcome == "completed" else "patience" if last.get("early_stopped") else "asha"
+        self.outcomes[trial.trial_id] = outcome
+        self.tracker.end_trial(trial.trial_id, outcome, reason)
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self.outcomes[trial.trial_id] = "errored"
+        self.tracker.end_trial(trial.trial_id, "errored", error_text(trial))
+
+
+def error_text(trial) -> str:
+    path = getattr(trial, "error_file", None)
+    if path and Path(path).exists():
+        lines = Path(path).read_text().strip().splitlines()
+        return lines[-1] if lines else "error"
+    return "error"

@@ -1,0 +1,253 @@
+"""Data: scan an ImageFolder, decode it once into a uint8 cache, serve batches from it.
+
+Decoding JPEGs is the most expensive thing a small fine-tuning trial does besides the
+forward pass, and in a sweep every trial would decode the same files. So the driver
+decodes every image once, resized to the sweep's image size, into one ``(N, H, W, 3)``
+uint8 array per split, stored as ``.npy`` under a key made of the dataset's fingerprint
+and the image size. Trials memory-map it: the pages are shared by every trial on a node.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shutil
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+CACHE_VERSION = 1
+
+# Counts calls of decode_image in this process; tests use it to prove trials never decode.
+DECODE_COUNT = 0
+
+
+class DataError(ValueError):
+    """A dataset that cannot be used; the message names every offending path."""
+
+
+@dataclass(frozen=True)
+class Split:
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """A scanned ImageFolder: classes, a train and a val split, and a fingerprint."""
+
+    root: str
+    classes: tuple[str, ...]
+    train: Split
+    val: Split
+    fingerprint: str
+    skipped: tuple[str, ...] = ()  # files left out by --skip-bad-images
+
+    def __len__(self) -> int:
+        return len(self.train) + len(self.val)
+
+
+def is_hidden(path: Path) -> bool:
+    return path.name.startswith(".") or path.name in ("Thumbs.db", "desktop.ini")
+
+
+def _class_folder(folder: Path) -> tuple[list[str], list[str], list[int], list[str]]:
+    """Classes, image paths, labels and non-image files of one ImageFolder directory."""
+    classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
+    paths, labels, others = [], [], []
+    for label, name in enumerate(classes):
+        for p in sorted((folder / name).rglob("*")):
+            if p.is_dir() or any(is_hidden(Path(part)) for part in p.relative_to(folder).parts):
+                continue
+            if p.suffix.lower() in IMAGE_EXTENSIONS:
+                paths.append(str(p))
+                labels.append(label)
+            else:
+                others.append(str(p))
+    return classes, paths, labels, others
+
+
+def scan(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
+    """Find the classes and images under ``root``.
+
+    ``root/train`` and ``root/val`` are used as given when both exist; otherwise
+    ``root`` is one ImageFolder split by a seeded stratified split.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError(f"data folder not found: {root}")
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        classes, train_paths, train_labels, _ = _class_folder(root / "train")
+        val_classes, val_paths, val_labels, _ = _class_folder(root / "val")
+        missing = sorted(set(classes) - set(val_classes))
+        extra = sorted(set(val_classes) - set(classes))
+        if missing or extra:
+            raise DataError(f"{root}: train and val classes differ: "
+                            f"only in train: {missing or '-'}; only in val: {extra or '-'}")
+        train, val = Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
+    else:
+        classes, paths, labels, _ = _class_folder(root)
+        train, val = _stratified_split(root, paths, labels, val_fraction, seed)
+    if len(classes) < 2:
+        raise DataError(f"{root}: need at least two class folders, found {len(classes)}")
+    return Dataset(str(root), tuple(classes), train, val, fingerprint(train, val))
+
+
+def _stratified_split(root, paths, labels, val_fraction, seed) -> tuple[Split, Split]:
+    from sklearn.model_selection import train_test_split
+
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val fraction must be between 0 and 1, got {val_fraction}")
+    counts = np.bincount(labels) if labels else np.array([])
+    if len(counts) and counts.min() < 2:
+        raise DataError(f"{root}: every class needs at least 2 images for a train/val split")
+    tr_p, va_p, tr_l, va_l = train_test_split(paths, labels, test_size=val_fraction,
+                                              stratify=labels, random_state=seed)
+    return Split(tuple(tr_p), tuple(tr_l)), Split(tuple(va_p), tuple(va_l))
+
+
+def fingerprint(*splits: Split) -> str:
+    """Identifies the dataset's content by path, size and modification time of every file."""
+    h = hashlib.sha256()
+    for split in splits:
+        for path, label in zip(split.paths, split.labels):
+            st = os.stat(path)
+            h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        h.update(b"--split--")
+    return h.hexdigest()[:16]
+
+
+def decode_image(path: str, size: int) -> np.ndarray:
+    """Decode one image to RGB, resize its short side to ``size`` and centre-crop."""
+    global DECODE_COUNT
+    DECODE_COUNT += 1
+    with Image.open(path) as im:
+        im.load()
+        if im.mode == "P" and "transparency" in im.info:
+            im = im.convert("RGBA")  # palette transparency is lost by a direct RGB convert
+        im = im.convert("RGB")
+    scale = size / min(im.size)
+    w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
+    im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
+    left, top = (w - size) // 2, (h - size) // 2
+    return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class DataHandle:
+    """What a trial receives: where the decoded cache lives, and how to rebuild it.
+
+    Small and picklable, so Ray ships it to every trial; the pixels stay on the node.
+    """
+
+    dataset: Dataset
+    image_size: int
+    cache_dir: str
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return self.dataset.classes
+
+    @property
+    def key(self) -> str:
+        return f"{self.dataset.fingerprint}-{self.image_size}px-v{CACHE_VERSION}"
+
+    @property
+    def path(self) -> Path:
+        return Path(self.cache_dir) / self.key
+
+    def ensure(self, workers: int | None = None) -> Path:
+        """Build the cache on this node unless it is there; one builder per node."""
+        if (self.path / "meta.json").exists():
+            return self.path
+        Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
+        with open(Path(self.cache_dir) / f"{self.key}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits, then finds it done
+            if not (self.path / "meta.json").exists():
+                _build(self, workers or os.cpu_count() or 1)
+        return self.path
+
+    def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
+        """Memory-mapped ``(N, H, W, 3)`` uint8 images and int64 labels of a split."""
+        path = self.ensure()
+        return (np.load(path / f"{split}_x.npy", mmap_mode="r"),
+                np.load(path / f"{split}_y.npy"))
+
+
+def _build(handle: DataHandle, workers: int) -> None:
+    tmp = Path(tempfile.mkdtemp(dir=handle.cache_dir, prefix=f".{handle.key}."))
+    try:
+        decodes = 0
+        for name in ("train", "val"):
+            split: Split = getattr(handle.dataset, name)
+            out = np.lib.format.open_memmap(tmp / f"{name}_x.npy", mode="w+", dtype=np.uint8,
+                                            shape=(len(split), handle.image_size, handle.image_size, 3))
+            # PIL releases the GIL while decoding and resizing, so threads use every core.
+            with ThreadPoolExecutor(workers) as pool:
+                for i, img in enumerate(pool.map(lambda p: decode_image(p, handle.image_size),
+                                                 split.paths, chunksize=16)):
+                    out[i] = img
+            out.flush()
+            del out
+            np.save(tmp / f"{name}_y.npy", np.asarray(split.labels, dtype=np.int64))
+            decodes += len(split)
+        meta = {"classes": list(handle.classes), "image_size": handle.image_size,
+                "fingerprint": handle.dataset.fingerprint, "decodes": decodes}
+        (tmp / "meta.json").write_text(json.dumps(meta))
+        os.replace(tmp, handle.path)  # atomic: a reader sees no cache or a whole one
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class Batches:
+    """Seeded mini-batches from cached uint8 images, normalised, optionally augmented."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
+                 mean, std, shuffle: bool, augment_strength: float = 0.0, hflip: bool = True,
+                 generator: torch.Generator | None = None):
+        self.images, self.labels = images, torch.as_tensor(np.asarray(labels))
+        self.batch_size, self.shuffle = batch_size, shuffle
+        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self.generator = generator
+        self.augment = _augmentation(images.shape[1], augment_strength, hflip)
+
+    def __len__(self) -> int:
+        return math.ceil(len(self.labels) / self.batch_size)
+
+    def __iter__(self):
+        n = len(self.labels)
+        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
+        for start in range(0, n, self.batch_size):
+            idx = order[start:start + self.batch_size].sort().values.numpy()  # sorted: sequential mmap reads
+            x = torch.from_numpy(np.ascontiguousarray(self.images[idx])).permute(0, 3, 1, 2)
+            if self.augment is not None:
+                x = torch.stack([self.augment(img) for img in x])
+            yield (x.float() - self.mean) / self.std, self.labels[idx]
+
+
+def _augmentation(size: int, strength: float, hflip: bool):
+    """RandomResizedCrop whose smallest crop shrinks with ``strength`` (1: scale 0.08, as
+    torchvision's reference recipe), plus an optional horizontal flip; None when off."""
+    if strength <= 0:
+        return None
+    from torchvision.transforms import v2
+
+    ops = [v2.RandomResizedCrop(size, scale=(1 - 0.92 * strength, 1.0), antialias=True)]
+    if hflip:
+        ops.append(v2.RandomHorizontalFlip())
+    return v2.Compose(ops)

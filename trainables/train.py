@@ -1,0 +1,161 @@
+"""One fine-tuning trial: a function of its config and a data handle.
+
+``run_trial`` knows nothing about Ray: it calls ``report(metrics, checkpoint_dir)`` after
+every epoch and resumes from a checkpoint file when given one. ``trainables.ray_trial``
+is the thin adapter that plugs it into Ray Tune.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from trainables.config import TrialConfig
+from trainables.data import Batches, DataHandle
+from trainables.models import build_model, freeze, set_train_mode, stages
+
+Report = Callable[[dict, Path], None]
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+class TrialDiverged(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | None = None, *,
+              resume_from: str | Path | None = None, threads: int | None = None,
+              device: str | None = None) -> dict:
+    """Fine-tune one model; returns the last epoch's metrics."""
+    cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    if threads:
+        torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(cfg.seed)
+
+    model = build_model(cfg.model, len(data.classes), cfg.weights)
+    staged = stages(model, cfg.model)
+    freeze(staged, cfg.frozen_depth)
+    model.to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model.to(memory_format=torch.channels_last)
+
+    train_x, train_y = data.arrays("train")
+    val_x, val_y = data.arrays("val")
+    gen = torch.Generator().manual_seed(cfg.seed)
+    train = Batches(train_x, train_y, cfg.batch_size, mean=data.mean, std=data.std, shuffle=True,
+                    augment_strength=cfg.augment_strength, hflip=cfg.hflip, generator=gen)
+    val = Batches(val_x, val_y, cfg.batch_size * 2, mean=data.mean, std=data.std, shuffle=False)
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(cfg, params)
+    scheduler = torch.optim.lr_scheduler.PolynomialLR(
+        optimizer, total_iters=cfg.max_epochs * len(train), power=cfg.decay_power)
+
+    state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0}
+    if resume_from is not None:
+        ckpt = torch.load(Path(resume_from), map_location="cpu", weights_only=True)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        gen.set_state(ckpt["generator"])
+        state = ckpt["state"]
+
+    step = Step(model, staged, cfg, optimizer, scheduler, device)
+    metrics: dict = {}
+    for epoch in range(state["epoch"] + 1, cfg.max_epochs + 1):
+        t0 = time.perf_counter()
+        set_train_mode(model, staged, cfg.frozen_depth, training=True)
+        train_loss, seen = step.train_epoch(train)
+        train_s = time.perf_counter() - t0
+        val_loss, val_acc = evaluate(step, val)
+        if val_acc > state["best_val_acc"]:
+            state.update(best_val_acc=val_acc, best_epoch=epoch)
+        state["epoch"] = epoch
+        metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
+                   "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
+                   "img_per_s": seen / train_s, "epoch_s": time.perf_counter() - t0,
+                   "best_val_acc": state["best_val_acc"]}
+        stop = cfg.patience > 0 and epoch - state["best_epoch"] >= cfg.patience
+        if stop:
+            metrics["early_stopped"] = 1
+        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                        "state": state, "config": cfg.to_dict(), "classes": list(data.classes),
+                        "image_size": data.image_size, "mean": list(data.mean),
+                        "std": list(data.std)}, Path(tmp) / CHECKPOINT_FILE)
+            if report is not None:
+                report(metrics, Path(tmp))
+        if stop:
+            break
+    return metrics
+
+
+def make_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                           weight_decay=cfg.weight_decay)
+
+
+class Step:
+    """The forward/backward of one batch, with the trial's precision and penalties."""
+
+    def __init__(self, model, staged, cfg: TrialConfig, optimizer, scheduler, device):
+        self.model, self.staged, self.cfg = model, staged, cfg
+        self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
+        use_amp = device.type == "cuda" and cfg.amp
+        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext())
+        self.penalised = [p for n, p in model.named_parameters()
+                          if p.requires_grad and p.ndim > 1] if cfg.l1 > 0 else []
+
+    def to_device(self, x, y):
+        x = x.to(self.device, non_blocking=True)
+        if self.device.type == "cuda" and self.cfg.channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x, y.to(self.device, non_blocking=True)
+
+    def logits(self, x, training: bool):
+        with self.autocast:
+            return self.staged.forward(x, dropout=self.cfg.dropout, training=training).float()
+
+    def train_epoch(self, batches) -> tuple[float, int]:
+        total, seen = 0.0, 0
+        for x, y in batches:
+            x, y = self.to_device(x, y)
+            loss = F.cross_entropy(self.logits(x, True), y,
+                                   label_smoothing=self.cfg.label_smoothing)
+            value = loss.item()
+            if not math.isfinite(value):
+                raise TrialDiverged(f"training loss became {value} at lr "
+                                    f"{self.optimizer.param_groups[0]['lr']:.3g}")
+            if self.penalised:
+                loss = loss + self.cfg.l1 * sum(p.abs().sum() for p in self.penalised)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            total += value * len(y)
+            seen += len(y)
+        return total / max(seen, 1), seen
+
+
+@torch.no_grad()
+def evaluate(step: Step, batches) -> tuple[float, float]:
+    """Mean cross-entropy (without label smoothing) and accuracy over ``batches``."""
+    step.model.eval()
+    loss, correct, n = 0.0, 0, 0
+    for x, y in batches:
+        x, y = step.to_device(x, y)
+        logits = step.logits(x, False)
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+        n += len(y)
+    return loss / max(n, 1), correct / max(n, 1)
