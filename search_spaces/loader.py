@@ -225,9 +225,12 @@ def _check_values(path: Path, where: str, values: dict) -> dict:
     """Coerce each value to its key's type and reject values no trial can use."""
     out = {}
     for key, value in values.items():
+        if key not in TrialConfig.keys():
+            raise SpaceError(f"{path}: {where}: unknown trial config key {key!r} "
+                             f"(allowed: {', '.join(TrialConfig.keys())})")
         try:
             value = coerce(key, value)
-        except (KeyError, ValueError) as e:
+        except ValueError as e:
             raise SpaceError(f"{path}: {where}: {e}") from None
         if key in _POSITIVE and value <= 0:
             raise SpaceError(f"{path}: {where}: {key} must be > 0, got {value}")

@@ -1,0 +1,106 @@
+"""Shared fixtures: a real MLflow server on 127.0.0.1, a tiny ImageFolder, the demo cache."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "sweeps" / "run.py")]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 90, proc: subprocess.Popen | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process for {url} exited with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+def stop_group(proc: subprocess.Popen) -> None:
+    """Stop what a test started: its own process group, never processes found by name."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory) -> Path:
+    """The demo's cache (digits PNGs, pretrained backbone, decoded arrays), shared by tests.
+
+    Reuses $FTSWEEP_CACHE when set, so CI and developers pretrain the backbone once."""
+    path = Path(os.environ.get("FTSWEEP_CACHE") or tmp_path_factory.mktemp("ftsweep-cache"))
+    os.environ["FTSWEEP_CACHE"] = str(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """A real ``mlflow server`` on 127.0.0.1 with its own sqlite store; yields its URI."""
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root}/mlflow.db",
+         "--artifacts-destination", str(root / "artifacts"), "--workers", "1"],
+        cwd=root, env=env, stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT,
+        start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{uri}/health", proc=proc)
+        yield uri
+    finally:
+        stop_group(proc)
+
+
+def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, size: int = 20,
+                       seed: int = 0) -> Path:
+    """A small ImageFolder whose classes differ in colour, in assorted modes and formats."""
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(classes):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            base = np.zeros((size, size + 4, 3), np.uint8)
+            base[..., c % 3] = 200
+            img = Image.fromarray(np.clip(base + rng.integers(0, 40, base.shape), 0, 255).astype(np.uint8))
+            mode, ext = [("RGB", "jpg"), ("L", "png"), ("RGBA", "png"), ("P", "png")][i % 4]
+            img.convert(mode).save(folder / f"{i}.{ext}")
+    return root
+
+
+@pytest.fixture
+def image_folder(tmp_path) -> Path:
+    return write_image_folder(tmp_path / "images")
+
+
+def run_sweep(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):
+    """Run ``sweeps/run.py`` as a user would; returns the CompletedProcess."""
+    return subprocess.run([*RUN, *args], cwd=cwd, env={**os.environ, **(env or {})},
+                          capture_output=True, text=True, timeout=timeout)

@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from trainables import data as data_mod
+from trainables.data import Batches, DataError, DataHandle, decode_image, scan
+
+
+def test_scan_splits_one_folder_stratified_and_seeded(image_folder):
+    ds = scan(image_folder, val_fraction=0.5, seed=1)
+    assert ds.classes == ("cat", "dog")
+    assert len(ds.train) == len(ds.val) == 6
+    assert sorted(ds.val.labels) == [0, 0, 0, 1, 1, 1]  # stratified
+    assert scan(image_folder, val_fraction=0.5, seed=1) == ds  # seeded
+    assert scan(image_folder, val_fraction=0.5, seed=2).val != ds.val
+
+
+def test_scan_uses_train_and_val_folders_and_ignores_hidden_files(tmp_path):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "train", per_class=4)
+    write_image_folder(tmp_path / "val", per_class=2, seed=1)
+    (tmp_path / "train" / "cat" / ".DS_Store").write_bytes(b"\0\1")
+    (tmp_path / "train" / "cat" / "._0.jpg").write_bytes(b"\0\1")
+    ds = scan(tmp_path)
+    assert (len(ds.train), len(ds.val)) == (8, 4)
+    assert not any("/." in p for p in ds.train.paths)
+
+
+def test_train_and_val_classes_must_match(tmp_path):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path / "train", classes=("a", "b", "c"), per_class=2)
+    write_image_folder(tmp_path / "val", classes=("a", "b"), per_class=2)
+    with pytest.raises(DataError, match=r"only in train: \['c'\]"):
+        scan(tmp_path)
+
+
+def test_one_class_is_not_a_classification_task(tmp_path):
+    from conftest import write_image_folder
+
+    write_image_folder(tmp_path, classes=("only",), per_class=4)
+    with pytest.raises(DataError, match="at least two class"):
+        scan(tmp_path)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "RGB", "LA"])
+def test_every_image_mode_becomes_rgb_at_the_requested_size(tmp_path, mode):
+    path = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (10, 200, 30)).convert(mode).save(path)
+    out = decode_image(str(path), 16)
+    assert out.shape == (16, 16, 3) and out.dtype == np.uint8
+
+
+def test_palette_transparency_goes_through_rgba(tmp_path):
+    img = Image.new("P", (8, 8), 0)
+    img.putpalette([255, 0, 0] + [0, 0, 255] * 255)
+    img.info["transparency"] = 0
+    img.save(tmp_path / "t.png", transparency=0)
+    assert decode_image(str(tmp_path / "t.png"), 8)[0, 0].tolist() == [255, 0, 0]
+
+
+def test_cache_decodes_each_image_once_however_many_readers(image_folder, tmp_path):
+    ds = scan(image_folder, val_fraction=0.5)
+    before = data_mod.DECODE_COUNT
+    handle = DataHandle(ds, 12, str(tmp_path / "cache"))
+    for _ in range(5):  # five trials reading the data
+        x, y = handle.arrays("train")
+        assert x.shape == (6, 12, 12, 3) and len(y) == 6
+    assert data_mod.DECODE_COUNT - before == len(ds)
+    # A new image size is a new cache; the old one stays valid.
+    DataHandle(ds, 10, str(tmp_path / "cache")).ensure()
+    assert data_mod.DECODE_COUNT - before == 2 * len(ds)
+    assert handle.ensure() == handle.path
+
+
+def test_batches_normalise_and_augment_only_when_asked(image_folder, tmp_path):
+    handle = DataHandle(scan(image_folder, val_fraction=0.5), 16, str(tmp_path / "c"))
+    x, y = handle.arrays("train")
+    plain = Batches(x, y, 4, mean=(0.5,) * 3, std=(0.5,) * 3, shuffle=False)
+    first, labels = next(iter(plain))
+    assert first.shape == (4, 3, 16, 16) and first.dtype == torch.float32
+    expected = (torch.from_numpy(np.array(x[:4])).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    torch.testing.assert_close(first, expected)
+    assert labels.tolist() == list(y[:4])
+    torch.manual_seed(0)
+    augmented = Batches(x, y, 4, mean=(0.5,) * 3, std=(0.5,) * 3, shuffle=False, augment_strength=1.0)
+    assert not torch.allclose(next(iter(augmented))[0], first)
+    assert len(plain) == 2
+
+
+def test_shuffle_is_seeded(image_folder, tmp_path):
+    handle = DataHandle(scan(image_folder, val_fraction=0.5), 8, str(tmp_path / "c"))
+    x, y = handle.arrays("train")
+
+    def order(seed):
+        g = torch.Generator().manual_seed(seed)
+        return [b[1].tolist() for b in Batches(x, y, 2, mean=(0,) * 3, std=(1,) * 3, shuffle=True, generator=g)]
+
+    assert order(3) == order(3)

@@ -1,0 +1,93 @@
+import shutil
+
+import pytest
+import torch
+
+from trainables.config import TrialConfig
+from trainables.data import DataHandle, scan
+from trainables.train import CHECKPOINT_FILE, TrialDiverged, run_trial
+
+EPOCH_KEYS = {"epoch", "val_acc", "val_loss", "train_loss", "lr", "img_per_s"}
+
+
+@pytest.fixture
+def handle(image_folder, tmp_path):
+    return DataHandle(scan(image_folder, val_fraction=0.5), 16, str(tmp_path / "cache"))
+
+
+def tiny(**kw):
+    base = dict(model="resnet18", weights="none", image_size=16, lr=0.05, batch_size=4,
+                max_epochs=3, decay_power=2.0, seed=0)
+    return TrialConfig(**{**base, **kw})
+
+
+def collect(into, keep_dir=None):
+    def report(metrics, ckpt_dir):
+        into.append(metrics)
+        if keep_dir is not None:
+            shutil.copy(ckpt_dir / CHECKPOINT_FILE, keep_dir / f"epoch{metrics['epoch']}.pt")
+    return report
+
+
+def test_reports_every_epoch_with_a_polynomial_lr_over_the_whole_budget(handle):
+    seen = []
+    cfg = tiny()
+    run_trial(cfg, handle, collect(seen), threads=1)
+    assert [m["epoch"] for m in seen] == [1, 2, 3]
+    assert all(EPOCH_KEYS <= set(m) for m in seen)
+    for m in seen:  # stepped per iteration: after epoch e of E, lr = lr0 * (1 - e/E) ** power
+        assert m["lr"] == pytest.approx(cfg.lr * (1 - m["epoch"] / cfg.max_epochs) ** cfg.decay_power, abs=1e-9)
+    assert torch.get_num_threads() == 1
+
+
+def test_checkpoint_holds_what_a_resume_needs_and_resuming_changes_nothing(handle, tmp_path):
+    straight, resumed = [], []
+    run_trial(tiny(), handle, collect(straight, tmp_path), threads=1)
+    ckpt = torch.load(tmp_path / "epoch1.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "state", "config", "classes"} <= set(ckpt)
+    assert ckpt["state"]["epoch"] == 1 and ckpt["config"] == tiny().to_dict()
+    run_trial(tiny(), handle, collect(resumed), resume_from=tmp_path / "epoch1.pt", threads=1)
+    assert [m["epoch"] for m in resumed] == [2, 3]
+    for a, b in zip(straight[1:], resumed):
+        assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
+        assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
+        assert a["lr"] == pytest.approx(b["lr"])
+
+
+def test_same_seed_same_run_other_seed_other_run(handle):
+    a, b, c = [], [], []
+    run_trial(tiny(max_epochs=1), handle, collect(a), threads=1)
+    run_trial(tiny(max_epochs=1), handle, collect(b), threads=1)
+    run_trial(tiny(max_epochs=1, seed=1), handle, collect(c), threads=1)
+    assert a[0]["train_loss"] == pytest.approx(b[0]["train_loss"], rel=1e-6)
+    assert a[0]["train_loss"] != pytest.approx(c[0]["train_loss"], rel=1e-6)
+
+
+def test_frozen_stages_do_not_change(handle, tmp_path):
+    run_trial(tiny(frozen_depth=2, max_epochs=1), handle, collect([], tmp_path), threads=1)
+    trained = torch.load(tmp_path / "epoch1.pt", weights_only=True)["model"]
+    torch.manual_seed(0)
+    from trainables.models import build_model
+
+    initial = build_model("resnet18", 2, "none").state_dict()
+    for name in ("conv1.weight", "layer1.0.conv1.weight", "layer1.0.bn1.running_mean"):
+        torch.testing.assert_close(trained[name], initial[name])
+    assert not torch.equal(trained["layer2.0.conv1.weight"], initial["layer2.0.conv1.weight"])
+
+
+def test_a_diverging_trial_says_so(handle):
+    with pytest.raises(TrialDiverged, match="loss became"):
+        run_trial(tiny(lr=1e12, decay_power=0.0, max_epochs=2), handle, threads=1)
+
+
+def test_patience_stops_when_val_acc_stops_improving(handle):
+    seen = []
+    run_trial(tiny(lr=1e-9, max_epochs=6, patience=2), handle, collect(seen), threads=1)
+    assert len(seen) == 3 and seen[-1]["early_stopped"] == 1
+
+
+def test_adamw_label_smoothing_and_l1_are_accepted(handle):
+    seen = []
+    run_trial(tiny(optimizer="adamw", lr=1e-3, label_smoothing=0.1, l1=1e-5, max_epochs=1),
+              handle, collect(seen), threads=1)
+    assert seen[0]["train_loss"] > 0
