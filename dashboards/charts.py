@@ -23,13 +23,14 @@ def ramp(t: float) -> str:
     t = min(max(t, 0.0), 1.0) * (len(RAMP) - 1)
     i = min(int(t), len(RAMP) - 2)
     a, b = (tuple(int(c[k:k + 2], 16) for k in (1, 3, 5)) for c in RAMP[i:i + 2])
-    return "#" + "".join(f"{round(x + (y - x) * (t - i)):02x}" for x, y in zip(a, b))
+    return "#" + "".join(f"{round(x + (y - x) * (t - i)):02x}" for x, y in zip(a, b, strict=True))
 
 
 def describe(row: pd.Series, searched: dict[str, Searched]) -> str:
     """A trial in one line, for tooltips."""
     params = " ".join(f"{k}={fmt(row[k])}" for k in searched if k in row)
-    verdict = row["outcome"].replace("_", " ") + (f" ({row['stop_reason']})" if row.get("stop_reason") else "")
+    reason = f" ({row['stop_reason']})" if row.get("stop_reason") else ""
+    verdict = row["outcome"].replace("_", " ") + reason
     acc = "no val_acc" if pd.isna(row["best_val_acc"]) else f"best val_acc {row['best_val_acc']:.4f}"
     return f"trial {row['trial']} {params}\n{verdict} after {row['epochs']} epoch(s); {acc}"
 
@@ -47,8 +48,8 @@ def _epoch_scale(f: Figure, last: int) -> Scale:
 
 def _end_marker(f: Figure, x: float, y: float, outcome: str, colour: str, **attrs) -> None:
     if outcome == "stopped_early":  # a cross where ASHA (or patience) cut the trial
-        d = 4.5
-        f.el("path", d=f"M{x - d:.1f},{y - d:.1f}L{x + d:.1f},{y + d:.1f}M{x - d:.1f},{y + d:.1f}L{x + d:.1f},{y - d:.1f}",
+        a, b, c, d = x - 4.5, y - 4.5, x + 4.5, y + 4.5
+        f.el("path", d=f"M{a:.1f},{b:.1f}L{c:.1f},{d:.1f}M{a:.1f},{d:.1f}L{c:.1f},{b:.1f}",
              stroke=colour, stroke_width=2.2, **attrs)
     else:
         f.el("circle", cx=round(x, 1), cy=round(y, 1), r=4, fill=colour, **attrs)
@@ -58,7 +59,8 @@ def learning_curves(sweep: Sweep) -> str:
     """val_acc per epoch for every trial; crosses and rung lines show where ASHA stopped trials."""
     f = Figure(WIDE, 400, label="Learning curves: val_acc per epoch for every trial")
     trials, curves = sweep.trials, sweep.curves
-    last = int(max(curves["epoch"].max() if len(curves) else 1, trials.get("max_epochs", pd.Series([1])).max()))
+    planned = trials["max_epochs"].max() if "max_epochs" in trials else 1
+    last = int(max(curves["epoch"].max() if len(curves) else 1, planned))
     xs, ys = _epoch_scale(f, last), acc_scale(sweep, f.y0, f.y1)
     f.axes(xs, ys, "epoch", "val_acc", xticks=range(1, last + 1))
     stopped = trials[trials["outcome"] == "stopped_early"].groupby("epochs").size()
@@ -74,12 +76,13 @@ def learning_curves(sweep: Sweep) -> str:
             continue
         is_best = best is not None and r.trial == best["trial"]
         colour = OUTCOME_COLOURS.get(r.outcome, "#6b7280")
-        pts = [(xs(e), ys(v)) for e, v in zip(curve["epoch"], curve["val_acc"])]
+        pts = [(xs(e), ys(v)) for e, v in zip(curve["epoch"], curve["val_acc"], strict=True)]
         f.open_group(class_="trial", data_trial=r.trial)
         f.polyline(pts, class_="curve best" if is_best else "curve", stroke=colour)
         _end_marker(f, *pts[-1], r.outcome, colour, class_="end")
         if is_best:
-            f.text(pts[-1][0] - 8, pts[-1][1] - 9, f"best: trial {r.trial}", class_="callout", text_anchor="end")
+            f.text(pts[-1][0] - 8, pts[-1][1] - 9, f"best: trial {r.trial}", class_="callout",
+                   text_anchor="end")
         f.close_group(describe(trials[trials["trial"] == r.trial].iloc[0], sweep.searched))
     return f.render(data_chart="curves")
 
@@ -100,12 +103,11 @@ def param_scatter(sweep: Sweep, p: Searched) -> str:
     trials = sweep.trials.dropna(subset=["best_val_acc"])
     xs = param_axis(p, f.x0 + 8, f.x1 - 8, trials[p.name] if p.type != "choice" else pd.Series())
     ys = acc_scale(sweep, f.y0, f.y1)
-    xticks = [v for v in xs.ticks() if p.type != "int" or float(v).is_integer()] if p.type != "choice" else None
-    f.axes(xs, ys, f"{p.name} ({p.type})", "best val_acc", xticks=xticks)
+    f.axes(xs, ys, f"{p.name} ({p.type})", "best val_acc")
     best = sweep.best()
     for _, r in trials.iterrows():
         is_best = best is not None and r["trial"] == best["trial"]
-        f.el("circle", cx=round(xs(r[p.name]), 1), cy=round(ys(r["best_val_acc"]), 1), r=6 if is_best else 4.5,
+        f.el("circle", cx=xs(r[p.name]), cy=ys(r["best_val_acc"]), r=6 if is_best else 4.5,
              fill=OUTCOME_COLOURS.get(r["outcome"], "#6b7280"), class_="dot best" if is_best else "dot",
              data_trial=r["trial"], title=describe(r, sweep.searched))
     return f.render(data_chart=f"param-{p.name}")
@@ -114,24 +116,23 @@ def param_scatter(sweep: Sweep, p: Searched) -> str:
 def parallel_coordinates(sweep: Sweep) -> str:
     """Each trial a line through its searched values to its best val_acc, coloured by it."""
     names = list(sweep.searched)
-    f = Figure(WIDE, 330, margin=(70, 34, 120, 24), label="Parallel coordinates of searched values and best val_acc")
+    f = Figure(WIDE, 330, margin=(70, 34, 120, 24), label="Parallel coordinates of the searched values")
     axes_x = [f.x0 + i * (f.x1 - f.x0) / max(len(names), 1) for i in range(len(names) + 1)]
     trials = sweep.trials
-    scales = [param_axis(sweep.searched[n], f.y0, f.y1, trials[n].dropna() if sweep.searched[n].type != "choice"
-                         else pd.Series()) for n in names]
+    scales = [param_axis(p, f.y0, f.y1, trials[p.name].dropna() if p.type != "choice" else pd.Series())
+              for p in sweep.searched.values()]
     acc = acc_scale(sweep, f.y0, f.y1)
     scored = trials["best_val_acc"].dropna()
     lo, hi = (scored.min(), scored.max()) if len(scored) else (0, 1)
-    for x, name, s in zip(axes_x, [*names, "best val_acc"], [*scales, acc]):
+    for x, name, s in zip(axes_x, [*names, "best val_acc"], [*scales, acc], strict=True):
         f.line(x, f.y0, x, f.y1, class_="axis")
         f.text(x, f.y1 - 12, name, class_="label", text_anchor="middle")
-        ticks = s.ticks(4) if not isinstance(s, Scale) or not s.integer else [v for v in s.ticks() if v == int(v)]
-        for v in ticks:
+        for v in s.ticks(4):
             f.line(x - 3, s(v), x, s(v), class_="axis")
             f.text(x - 6, s(v) + 4, fmt(v), class_="tick", text_anchor="end")
     best = sweep.best()
     for _, r in trials.sort_values("best_val_acc", na_position="first").iterrows():
-        pts = [(x, s(r[n])) for x, n, s in zip(axes_x, names, scales)]
+        pts = [(x, s(r[n])) for x, n, s in zip(axes_x, names, scales, strict=False)]  # axes_x has one more
         scored_row = not pd.isna(r["best_val_acc"])
         if scored_row:
             pts.append((axes_x[-1], acc(r["best_val_acc"])))
@@ -144,8 +145,10 @@ def parallel_coordinates(sweep: Sweep) -> str:
 
 
 def _colour_key(f: Figure, x: float, lo: float, hi: float) -> None:
-    stops = "".join(f'<stop offset="{i / (len(RAMP) - 1):.2f}" stop-color="{c}"/>' for i, c in enumerate(RAMP))
-    f.parts.append(f'<defs><linearGradient id="ramp" x1="0" y1="1" x2="0" y2="0">{stops}</linearGradient></defs>')
+    stops = "".join(f'<stop offset="{i / (len(RAMP) - 1):.2f}" stop-color="{c}"/>'
+                    for i, c in enumerate(RAMP))
+    f.parts.append(f'<defs><linearGradient id="ramp" x1="0" y1="1" x2="0" y2="0">{stops}'
+                   "</linearGradient></defs>")
     f.el("rect", x=round(x, 1), y=f.y1, width=12, height=f.y0 - f.y1, fill="url(#ramp)", rx=2)
     f.text(x + 18, f.y1 + 10, fmt(hi), class_="tick")
     f.text(x + 18, f.y0, fmt(lo), class_="tick")
@@ -154,7 +157,7 @@ def _colour_key(f: Figure, x: float, lo: float, hi: float) -> None:
 
 
 def importance_bars(scores: dict[str, float]) -> str:
-    f = Figure(620, 30 + 34 * len(scores), margin=(130, 10, 70, 20), label="Hyperparameter importance (fANOVA)")
+    f = Figure(620, 30 + 34 * len(scores), margin=(130, 10, 70, 20), label="Hyperparameter importance")
     xs = Scale(0, 1, f.x0, f.x1)
     for i, (name, v) in enumerate(scores.items()):
         y = f.top + i * 34
@@ -169,7 +172,7 @@ def timeline(sweep: Sweep) -> str:
     """Trials over wall-clock time (a bar per trial, ticks at its epochs) and how many ran at once."""
     trials = sweep.trials.sort_values("start_s")
     row_h, lanes = 18, len(trials)
-    f = Figure(WIDE, 64 + row_h * lanes + 130, margin=(90, 10, 16, 40), label="Timeline of trials")
+    f = Figure(WIDE, 80 + row_h * lanes + 130, margin=(90, 10, 16, 40), label="Timeline of trials")
     gantt_bottom = f.top + row_h * lanes
     span = max(sweep.wall_s, trials["end_s"].max() if lanes else 1.0, 1.0)
     xs = Scale(0, span, f.x0, f.x1)
@@ -180,13 +183,13 @@ def timeline(sweep: Sweep) -> str:
         colour = OUTCOME_COLOURS.get(r.outcome, "#6b7280")
         f.text(f.x0 - 8, y + 13, f"trial {r.trial}", class_="tick", text_anchor="end")
         f.open_group(class_="lane", data_trial=r.trial)
-        f.el("rect", x=round(xs(r.start_s), 1), y=y + 3, width=max(round(xs(r.end_s) - xs(r.start_s), 1), 1.5),
+        f.el("rect", x=xs(r.start_s), y=y + 3, width=max(xs(r.end_s) - xs(r.start_s), 1.5),
              height=row_h - 6, rx=3, fill=colour, class_="span")
         for t in sweep.curves.loc[sweep.curves["trial"] == r.trial, "time_s"]:
             f.line(xs(t), y + 3, xs(t), y + row_h - 3, class_="epoch-tick")
         row = sweep.trials[sweep.trials["trial"] == r.trial].iloc[0]
         f.close_group(describe(row, sweep.searched) + f"\nran {r.duration_s:.1f} s from +{r.start_s:.1f} s")
-    top = gantt_bottom + 34
+    top = gantt_bottom + 50
     pts = running_steps(trials)
     most = max(n for _, n in pts)
     pts.append((span, pts[-1][1]))
@@ -196,12 +199,13 @@ def timeline(sweep: Sweep) -> str:
         f.text(f.x0 - 8, ys(v) + 4, fmt(v), class_="tick", text_anchor="end")
     path = "M" + " L".join(f"{xs(t):.1f},{ys(n):.1f}" for t, n in pts) + f" L{xs(span):.1f},{ys(0):.1f} Z"
     f.el("path", d=path, class_="running", title=f"at most {most} trial(s) running at once")
-    f.text(f.x0 - 8, top - 10, "running", class_="label", text_anchor="end")
+    f.text(f.x0 - 8, top - 14, "running", class_="label", text_anchor="end")
     for v in xs.ticks(10):
         f.line(xs(v), f.y0, xs(v), f.y0 + 4, class_="axis")
         f.text(xs(v), f.y0 + 17, fmt(v), class_="tick", text_anchor="middle")
     f.line(f.x0, f.y0, f.x1, f.y0, class_="axis")
-    f.text((f.x0 + f.x1) / 2, f.height - 6, "seconds since the sweep started", class_="label", text_anchor="middle")
+    f.text((f.x0 + f.x1) / 2, f.height - 6, "seconds since the sweep started", class_="label",
+           text_anchor="middle")
     return f.render(data_chart="timeline")
 
 
@@ -233,7 +237,7 @@ def comparison_curves(sweep: Sweep, by: str) -> str:
     for who, s, row, colour in (("sweep best", sweep, ours, BEST), ("seed recipe", recipe, theirs, SEED)):
         curve = s.curves[s.curves["trial"] == row["trial"]]
         xvals = curve["epoch"] if by == "epoch" else curve["time_s"] - row["start_s"]
-        lines.append((who, list(zip(xvals, curve["val_acc"])), colour))
+        lines.append((who, list(zip(xvals, curve["val_acc"], strict=True)), colour))
     xmax = max((x for _, pts, _ in lines for x, _ in pts), default=1)
     xs = _epoch_scale(f, int(xmax)) if by == "epoch" else Scale(0, xmax * 1.03, f.x0, f.x1)
     ys = acc_scale(sweep, f.y0, f.y1)

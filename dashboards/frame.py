@@ -91,7 +91,7 @@ def load_sweep(client: MlflowClient, sweep: str, with_seed_recipe: bool = True) 
     origin = parent.info.start_time
     histories = {r.info.run_id: val_acc_history(client, r.info.run_id, origin) for r in children}
     trials = trial_frame(children, histories, origin)
-    curves = [histories[r].assign(trial=n) for n, r in zip(trials["trial"], trials["run_id"])]
+    curves = [histories[r].assign(trial=n) for n, r in zip(trials["trial"], trials["run_id"], strict=True)]
     curves = pd.concat([_empty_curves(), *[c for c in curves if len(c)]], ignore_index=True)
     searched = {k.removeprefix("search."): Searched.parse(k.removeprefix("search."), v)
                 for k, v in parent.data.params.items() if k.startswith("search.")}
@@ -131,7 +131,8 @@ def find_seed_recipe(client: MlflowClient, parent: Run) -> Run | None:
 
     def same(run: Run) -> tuple[bool, bool]:
         t = run.data.tags
-        return (t.get("dataset_fingerprint") == tags.get("dataset_fingerprint"), t.get("model") == tags.get("model"))
+        return (t.get("dataset_fingerprint") == tags.get("dataset_fingerprint"),
+                t.get("model") == tags.get("model"))
 
     runs = [r for r in runs if r.info.run_id != parent.info.run_id]
     return max(runs, key=same, default=None)  # max keeps the first (newest) of equals

@@ -29,10 +29,11 @@ def param_importances(trials: pd.DataFrame, searched: dict[str, Searched]) -> tu
     """({param: importance summing to 1}, a note for the reader); empty when not computable."""
     if not searched:
         return {}, "Nothing was searched in this sweep, so there is no importance to compute."
-    scored = trials[(trials["outcome"] != "errored") & trials["best_val_acc"].notna()] if len(trials) else trials
+    if len(trials):
+        trials = trials[(trials["outcome"] != "errored") & trials["best_val_acc"].notna()]
     dists = {name: distribution(p) for name, p in searched.items()}
     finished, skipped = [], 0
-    for _, row in scored.iterrows():
+    for _, row in trials.iterrows():
         try:
             finished.append(optuna.trial.create_trial(
                 params={k: _native(row[k]) for k in dists}, distributions=dists,
@@ -44,7 +45,7 @@ def param_importances(trials: pd.DataFrame, searched: dict[str, Searched]) -> tu
         return {}, f"Importance needs at least 2 scored trials; this sweep has {len(finished)}{left_out}."
     values = {t.value for t in finished}
     if len(values) == 1:
-        return {}, f"All {len(finished)} trials reached the same val_acc, so no hyperparameter explains any of it."
+        return {}, f"All {len(finished)} trials reached the same val_acc: there is no variance to explain."
     varied = [k for k in dists if len({t.params[k] for t in finished}) > 1]
     if not varied:
         return {}, "Every trial used the same values, so importance cannot be told apart."
@@ -52,7 +53,7 @@ def param_importances(trials: pd.DataFrame, searched: dict[str, Searched]) -> tu
     study = optuna.create_study(direction="maximize")
     study.add_trials(finished)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # fANOVA on a handful of trials warns about its forest; the note says so
+        warnings.simplefilter("ignore")  # a forest on a handful of trials warns; the note says so
         scores = optuna.importance.get_param_importances(
             study, evaluator=optuna.importance.FanovaImportanceEvaluator(seed=0))
     if any(math.isnan(v) for v in scores.values()):
@@ -64,7 +65,7 @@ def param_importances(trials: pd.DataFrame, searched: dict[str, Searched]) -> tu
         note += f" Not varied in this sweep, so 0: {', '.join(constant)}."
     if len(finished) < 10:
         note += f" With only {len(finished)} trials treat this as a hint, not a measurement."
-    return dict(sorted(scores.items(), key=lambda kv: -kv[1])), note
+    return {k: float(v) for k, v in sorted(scores.items(), key=lambda kv: -kv[1])}, note
 
 
 def _native(value):

@@ -70,7 +70,9 @@ class Bands:
 
     def __call__(self, value) -> float:
         n = len(self.values)
-        return (self.a + self.b) / 2 if n == 1 else self.a + self.values.index(str(value)) * (self.b - self.a) / (n - 1)
+        if n == 1:
+            return (self.a + self.b) / 2
+        return self.a + self.values.index(str(value)) * (self.b - self.a) / (n - 1)
 
     def ticks(self, count: int = 0) -> list:
         return self.values
@@ -89,7 +91,9 @@ def _attrs(attrs: dict) -> str:
         if value is None or value is False:
             continue
         name = key.rstrip("_").replace("_", "-")
-        out.append(f'{name}="{esc(fmt(value) if isinstance(value, float) else value)}"')
+        if isinstance(value, float):  # coordinates: 0.01 px is plenty, and keeps the file small
+            value = f"{value:.2f}".rstrip("0").rstrip(".")
+        out.append(f'{name}="{esc(value)}"')
     return " ".join(out)
 
 
@@ -144,7 +148,8 @@ class Figure:
             self.text((self.x0 + self.x1) / 2, self.height - 6, xlabel, class_="label", text_anchor="middle")
         if ylabel:
             y = (self.y0 + self.y1) / 2
-            self.text(14, y, ylabel, class_="label", text_anchor="middle", transform=f"rotate(-90 14 {y:.0f})")
+            self.text(14, y, ylabel, class_="label", text_anchor="middle",
+                      transform=f"rotate(-90 14 {y:.0f})")
 
     def render(self, class_: str = "chart", **attrs) -> str:
         head = _attrs({"class": class_, "viewBox": f"0 0 {self.width} {self.height}", "width": self.width,

@@ -48,7 +48,7 @@ class BestModel:
     @property
     def val_batch_size(self) -> int:
         """The batch size the sweep evaluated with (twice the training batch size)."""
-        return int(self.meta["config"].get("batch_size", 32)) * 2
+        return int(self.meta["config"]["batch_size"]) * 2
 
     def describe(self) -> str:
         return (f"{self.meta['model']} from sweep {self.sweep} (MLflow run {self.run_id}, "
@@ -183,7 +183,7 @@ def decode_images(paths: Sequence[str | Path], image_size: int, pool: ThreadPool
             return f"{type(e).__name__}: {e}"
 
     images, read_paths, unreadable = [], [], []
-    for path, out in zip(paths, pool.map(read, paths)):
+    for path, out in zip(paths, pool.map(read, paths), strict=True):
         if isinstance(out, str):
             unreadable.append((path, out))
         else:

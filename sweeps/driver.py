@@ -44,7 +44,7 @@ def search_algorithm(space, max_concurrent: int | None):
     return ConcurrencyLimiter(search, max_concurrent) if max_concurrent else search
 
 
-def build_tuner(plan, callbacks: list) -> tune.Tuner:
+def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
     space = plan.space
     max_t = space.config().total_epochs
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
@@ -59,7 +59,8 @@ def build_tuner(plan, callbacks: list) -> tune.Tuner:
         progress_reporter=tune.CLIReporter(metric_columns=COLUMNS, max_report_frequency=10,
                                            parameter_columns=list(space.search)),
         verbose=1)
-    trainable_ = tune.with_resources(tune.with_parameters(trainable, data=plan.data), plan.resources)
+    trainable_ = tune.with_resources(tune.with_parameters(trainable_fn or trainable, data=plan.data),
+                                     plan.resources)
     if plan.resume and _exists(plan):
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable_, resume_errored=True,
                                   param_space=param_space(space))
@@ -87,6 +88,9 @@ def init_ray(address: str | None) -> None:
     # warnings drown it. Worker logs stay in Ray's session folder.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    # Snapshot the experiment state (a few kB) every second instead of every 10 s, so a
+    # killed driver forgets as few started trials as possible.
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     if address:
         ray.init(address=address, log_to_driver=False)
     else:

@@ -13,7 +13,6 @@ import argparse
 import json
 import os
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -106,18 +105,17 @@ def main(argv: list[str] | None = None) -> int:
     meta = {**best.meta, "run_id": best.run_id, "sweep": best.sweep}
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed: a reader never sees half a model.
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     try:
         note = ""
         if fmt == "torchscript":
-            export_torchscript(best.model, meta, Path(tmp))
+            export_torchscript(best.model, meta, tmp)
         else:
             example = torch.zeros(1, 3, best.image_size, best.image_size)
-            note = export_onnx(best.model, example, meta, Path(tmp))
+            note = export_onnx(best.model, example, meta, tmp)
         os.replace(tmp, out)
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
     print(f"Exported {best.describe()} as {fmt}" + (f"; {note}" if note else ""))
     print(out)
     return 0

@@ -87,7 +87,12 @@ def _prepare(args, log) -> Plan:
     build_model(model, len(dataset.classes), weights)
     space = space.override(weights=weights)
 
+    # Decoding is the validation pass: every image is read once, here, before anything starts.
     data = DataHandle(dataset, cfg.image_size, str(demo.cache_root() / "decoded"), mean, std)
+    data = data.prepare(skip_bad=args.skip_bad_images)
+    if data.dataset.skipped:
+        log(f"Skipping {len(data.dataset.skipped)} bad file(s) (--skip-bad-images); "
+            "their list is logged with the sweep as skipped_files.txt")
     storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
     label = "digits5-9" if is_demo else root.name
     return Plan(

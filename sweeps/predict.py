@@ -88,8 +88,9 @@ def classify(best, paths: list[Path], top_k: int, batch_size: int, device: str, 
                 continue
             probs = torch.softmax(predict_logits(best, images, batch_size, device), dim=1)
             top_p, top_i = probs.topk(top_k, dim=1)
-            for path, ps, idx in zip(read, top_p.tolist(), top_i.tolist()):
-                rows.append([str(path), *[v for i, q in zip(idx, ps) for v in (best.classes[i], f"{q:.6f}")]])
+            for path, ps, idx in zip(read, top_p.tolist(), top_i.tolist(), strict=True):
+                ranked = [(best.classes[i], f"{q:.6f}") for i, q in zip(idx, ps, strict=True)]
+                rows.append([str(path), *[v for pair in ranked for v in pair]])
     return rows, unreadable
 
 

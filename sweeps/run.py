@@ -25,35 +25,45 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    info = execute(plan, started)
+    print(Path(plan.sweep_dir) / "sweep_summary.json")
+    return 0 if info["best"] is not None else 1
 
+
+def execute(plan, started: float | None = None, trainable=None) -> dict:
+    """Run a checked plan: MLflow parent run, Tuner fit, best checkpoint, summary."""
     from sweeps import driver, summary
     from sweeps.tracking import MlflowTrials, SweepTracker
 
+    started = started or time.time()
     sweep_dir = Path(plan.sweep_dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
-    plan.data.ensure()  # decode once, here, before any trial starts
     tracker = SweepTracker(plan, spool_dir=sweep_dir)
     print(f"Sweep {plan.name}: space {plan.space.name}, {plan.trials} trials, "
           f"{len(plan.data.dataset)} images in {len(plan.data.classes)} classes; "
           f"MLflow run {tracker.parent_id} in experiment {plan.experiment}")
+    if plan.data.dataset.skipped:
+        (sweep_dir / "skipped_files.txt").write_text("\n".join(plan.data.dataset.skipped) + "\n")
+        tracker.write("artifact", "parent", local_path=str(sweep_dir / "skipped_files.txt"))
 
     driver.init_ray(plan.ray_address)
-    callback = MlflowTrials(tracker, plan.space.config().total_epochs)
-    results = driver.build_tuner(plan, [callback]).fit()
+    max_epochs = plan.space.config().total_epochs
+    MlflowTrials.active = tracker
+    results = driver.build_tuner(plan, [MlflowTrials(max_epochs)], trainable).fit()
+    tracker.reconcile(results, max_epochs)
 
     best = summary.best_trial(results)
     best_dir = sweep_dir / "best"
     if best is not None:
-        summary.export_best(best[2], best_dir, plan)
-    counts = summary.count_trials(results, plan.space.config().total_epochs)
+        summary.export_best(best[2], best_dir)
+    counts = summary.count_trials(results, max_epochs)
     pending = tracker.finish(best_dir if best else None,
                              {"best_val_acc": best[1]["val_acc"] if best else 0.0, **counts},
                              failed=best is None)
     info = summary.build_summary(plan, tracker, results, time.time() - started, best, best_dir, pending)
-    path = summary.write_summary(info, sweep_dir)
+    summary.write_summary(info, sweep_dir)
     _print_end(info, tracker, pending)
-    print(path)
-    return 0 if best is not None else 1
+    return info
 
 
 def _print_end(info: dict, tracker, pending: list) -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from sweeps.tracking import outcome_of, redact
+from sweeps.tracking import outcome_of, redact, trial_id_of
 
 METRIC, MODE = "val_acc", "max"
 
@@ -31,7 +31,7 @@ def best_trial(results):
     return best
 
 
-def export_best(checkpoint, out_dir: Path, plan) -> dict:
+def export_best(checkpoint, out_dir: Path) -> dict:
     """Write ``best/model.pt`` (a plain torchvision state_dict) and ``best/meta.json``,
     atomically: a reader sees the old pair or the new one, never half of one."""
     with checkpoint.as_directory() as src:
@@ -77,14 +77,10 @@ def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending
         summary["best"] = {
             "config": {k: result.config[k] for k in sorted(result.config)},
             "val_acc": metrics[METRIC], "epoch": int(metrics["epoch"]),
-            "run_id": tracker.run_id(_trial_id(result)),
+            "run_id": tracker.run_id(trial_id_of(result)),
             "checkpoint": str(best_dir / "model.pt"),
         }
     return summary
-
-
-def _trial_id(result) -> str:
-    return (result.metrics or {}).get("trial_id", "")
 
 
 def write_summary(summary: dict, sweep_dir: Path) -> Path:

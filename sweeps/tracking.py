@@ -107,6 +107,8 @@ class Writer:
             self.client.set_terminated(self.run_ids[key], status=kw["status"])
         elif op == "reopen":
             self.client.update_run(self.run_ids[key], status="RUNNING")
+        elif op == "artifact":
+            self.client.log_artifact(self.run_ids[key], kw["local_path"], kw.get("artifact_path"))
         elif op == "artifacts":
             self.client.log_artifacts(self.run_ids[key], kw["local_dir"], kw.get("artifact_path"))
 
@@ -137,6 +139,8 @@ class SweepTracker:
         spool = spool_dir / "mlflow_pending.jsonl" if spool_dir else None
         self.write = Writer(self.client, spool)
         self.trial_numbers: dict[str, int] = {}
+        self.last_step: dict[str, int] = {}  # per trial: epochs already logged
+        self.ended: set[str] = set()
         self._start_parent()
 
     def _runs(self, filter_string: str):
@@ -153,6 +157,10 @@ class SweepTracker:
                 trial_id = run.data.tags[TAG_TRIAL]
                 self.write.run_ids[trial_id] = run.info.run_id
                 self.trial_numbers[trial_id] = int(run.data.tags.get("ftsweep.trial_number", 0))
+                history = self.client.get_metric_history(run.info.run_id, "val_acc")
+                self.last_step[trial_id] = max((m.step for m in history), default=0)
+                if run.data.tags.get("outcome", "running") != "running":
+                    self.ended.add(trial_id)
             return
         space, cfg = plan.space, plan.space.config()
         tags = {TAG_SWEEP: plan.name, TAG_ROLE: "parent", "space": space.name, "model": cfg.model,
@@ -195,16 +203,42 @@ class SweepTracker:
 
     def log_epoch(self, trial_id: str, result: dict) -> None:
         step, now = int(result["epoch"]), int(time.time() * 1000)
+        if step <= self.last_step.get(trial_id, 0):
+            return  # replayed after a resume from an older checkpoint: logged already
+        self.last_step[trial_id] = step
         metrics = [dict(key=k, value=float(result[k]), timestamp=now, step=step)
                    for k in (*EPOCH_METRICS, *result.get("extra_metrics", ())) if k in result]
         self.write("batch", trial_id, metrics=metrics)
 
     def end_trial(self, trial_id: str, outcome: str, reason: str = "") -> None:
+        self.ended.add(trial_id)
         tags = {"outcome": outcome, **({"stop_reason": reason} if reason else {})}
         if outcome == "errored":
             tags["error"] = reason[-5000:]
         self.write("batch", trial_id, metrics=[], tags=tags)
         self.write("end", trial_id, status="FAILED" if outcome == "errored" else "FINISHED")
+
+    def reconcile(self, results, max_epochs: int) -> None:
+        """After a resume, make MLflow agree with Ray Tune's own record of the sweep.
+
+        A trial that finished just before the driver was killed is not reported again, so
+        its run is ended here. A trial the driver started but Tune's last snapshot never
+        saw is run again under a new trial; its partial run is kept, marked abandoned.
+        """
+        known = set()
+        for r in results:
+            trial_id = trial_id_of(r)
+            known.add(trial_id)
+            if trial_id and trial_id in self.write.run_ids and trial_id not in self.ended:
+                outcome = outcome_of(r.metrics or {}, r.error is not None, max_epochs)
+                self.end_trial(trial_id, outcome, str(r.error or "")[-2000:] if r.error else "")
+        for trial_id in set(self.trial_numbers) - known:
+            if trial_id not in self.ended:
+                self.write("batch", trial_id, metrics=[], tags={
+                    TAG_ROLE: "abandoned", "outcome": "abandoned",
+                    "stop_reason": "driver killed before Ray Tune recorded this trial; rerun as a new trial"})
+                self.write("end", trial_id, status="KILLED")
+                self.ended.add(trial_id)
 
     def run_id(self, trial_id: str) -> str | None:
         return self.write.run_ids.get(trial_id)
@@ -221,9 +255,14 @@ class SweepTracker:
         return self.write.queue
 
 
+def trial_id_of(result) -> str:
+    """The Tune trial id of a Result, also for a trial that errored before reporting."""
+    return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
+
+
 def outcome_of(last_result: dict, errored: bool, max_epochs: int) -> str:
-    """completed, stopped_early (by ASHA or patience) or errored."""
-    if errored:
+    """completed, stopped_early (by ASHA or patience) or errored (raised, or diverged)."""
+    if errored or last_result.get("diverged"):
         return "errored"
     if last_result.get("early_stopped") or int(last_result.get("epoch", 0)) < max_epochs:
         return "stopped_early"
@@ -235,11 +274,22 @@ def _fmt(value) -> str:
 
 
 class MlflowTrials(Callback):
-    """Ray Tune callback: mirrors every trial into its child run as it happens."""
+    """Ray Tune callback: mirrors every trial into its child run as it happens.
 
-    def __init__(self, tracker: SweepTracker, max_epochs: int):
-        self.tracker, self.max_epochs = tracker, max_epochs
-        self.outcomes: dict[str, str] = {}
+    ``Tuner.restore`` unpickles the callbacks of the first run instead of taking new
+    ones, so the callback keeps no tracker of its own: it writes through ``active``,
+    the tracker of the sweep this driver process is running now.
+    """
+
+    active: SweepTracker | None = None
+
+    def __init__(self, max_epochs: int):
+        self.max_epochs = max_epochs
+
+    @property
+    def tracker(self) -> SweepTracker:
+        assert MlflowTrials.active is not None, "set MlflowTrials.active before fitting"
+        return MlflowTrials.active
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.tracker.start_trial(trial.trial_id, trial.config)
@@ -250,12 +300,11 @@ class MlflowTrials(Callback):
     def on_trial_complete(self, iteration, trials, trial, **info):
         last = trial.last_result or {}
         outcome = outcome_of(last, False, self.max_epochs)
-        reason = "" if outcome == "completed" else "patience" if last.get("early_stopped") else "asha"
-        self.outcomes[trial.trial_id] = outcome
+        reason = ("" if outcome == "completed" else last.get("stop_reason") or
+                  ("patience" if last.get("early_stopped") else "asha"))
         self.tracker.end_trial(trial.trial_id, outcome, reason)
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self.outcomes[trial.trial_id] = "errored"
         self.tracker.end_trial(trial.trial_id, "errored", error_text(trial))
 
 

@@ -349,9 +349,14 @@ def test_unsupported_family_for_stages():
         match="not supported for 'regnet_x_400mf'; supported families: resnet",
     ):
         models.num_stages("regnet_x_400mf")
-    model = models.build_model("shufflenet_v2_x0_5", 3, "none")
-    with pytest.raises(ModelError, match="shufflenet_v2_x0_5"):
-        models.stages(model, "shufflenet_v2_x0_5")
+    # Other models still train end to end: no stages, the whole model is the head.
+    model = models.build_model("shufflenet_v2_x0_5", 3, "none").eval()
+    staged = models.stages(model, "shufflenet_v2_x0_5")
+    assert staged.stages == [] and staged.head is model
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(staged.forward(x), model(x))
+    with pytest.raises(ModelError, match="0..0"):
+        models.freeze(staged, 1)
 
 
 @pytest.mark.parametrize("depth", [-1, 6])

@@ -17,7 +17,7 @@ import os
 import shutil
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -53,29 +53,45 @@ class Dataset:
     train: Split
     val: Split
     fingerprint: str
-    skipped: tuple[str, ...] = ()  # files left out by --skip-bad-images
+    not_images: tuple[str, ...] = ()  # files in class folders without an image extension
+    skipped: tuple[str, ...] = ()  # "path: reason" of files left out by --skip-bad-images
 
     def __len__(self) -> int:
         return len(self.train) + len(self.val)
+
+    def without(self, bad: dict[str, str]) -> "Dataset":
+        """The dataset minus ``bad`` files (and the non-image files), noted in ``skipped``."""
+        def keep(split: Split) -> Split:
+            kept = [(p, y) for p, y in zip(split.paths, split.labels) if p not in bad]
+            return Split(tuple(p for p, _ in kept), tuple(y for _, y in kept))
+
+        train, val = keep(self.train), keep(self.val)
+        skipped = [f"{p}: not an image" for p in self.not_images] + [f"{p}: {r}" for p, r in bad.items()]
+        return Dataset(self.root, self.classes, train, val, fingerprint(train, val), (),
+                       self.skipped + tuple(skipped))
 
 
 def is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name in ("Thumbs.db", "desktop.ini")
 
 
-def _class_folder(folder: Path) -> tuple[list[str], list[str], list[int], list[str]]:
+def _class_folder(folder: Path, problems: list[str]):
     """Classes, image paths, labels and non-image files of one ImageFolder directory."""
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
     paths, labels, others = [], [], []
     for label, name in enumerate(classes):
+        found = 0
         for p in sorted((folder / name).rglob("*")):
             if p.is_dir() or any(is_hidden(Path(part)) for part in p.relative_to(folder).parts):
                 continue
             if p.suffix.lower() in IMAGE_EXTENSIONS:
                 paths.append(str(p))
                 labels.append(label)
+                found += 1
             else:
                 others.append(str(p))
+        if not found:
+            problems.append(f"{folder / name}: empty class folder (no images)")
     return classes, paths, labels, others
 
 
@@ -83,26 +99,38 @@ def scan(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
     """Find the classes and images under ``root``.
 
     ``root/train`` and ``root/val`` are used as given when both exist; otherwise
-    ``root`` is one ImageFolder split by a seeded stratified split.
+    ``root`` is one ImageFolder split by a seeded stratified split. Every structural
+    problem is reported at once; unreadable images are found when decoding.
     """
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
+    problems: list[str] = []
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_paths, train_labels, _ = _class_folder(root / "train")
-        val_classes, val_paths, val_labels, _ = _class_folder(root / "val")
-        missing = sorted(set(classes) - set(val_classes))
-        extra = sorted(set(val_classes) - set(classes))
-        if missing or extra:
-            raise DataError(f"{root}: train and val classes differ: "
-                            f"only in train: {missing or '-'}; only in val: {extra or '-'}")
-        train, val = Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
+        classes, train_paths, train_labels, others = _class_folder(root / "train", problems)
+        val_classes, val_paths, val_labels, val_others = _class_folder(root / "val", problems)
+        others += val_others
+        for name in sorted(set(classes) ^ set(val_classes)):
+            where = "train" if name in classes else "val"
+            problems.append(f"{root / where / name}: class {name!r} is in {where} but not in "
+                            f"{'val' if where == 'train' else 'train'}")
     else:
-        classes, paths, labels, _ = _class_folder(root)
-        train, val = _stratified_split(root, paths, labels, val_fraction, seed)
+        classes, train_paths, train_labels, others = _class_folder(root, problems)
+        val_paths, val_labels = [], []
     if len(classes) < 2:
-        raise DataError(f"{root}: need at least two class folders, found {len(classes)}")
-    return Dataset(str(root), tuple(classes), train, val, fingerprint(train, val))
+        problems.append(f"{root}: need at least two class folders, found {len(classes)}")
+    if problems:
+        raise DataError(_listing(root, problems))
+    train, val = Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
+    if not val_paths:
+        train, val = _stratified_split(root, train_paths, train_labels, val_fraction, seed)
+    return Dataset(str(root), tuple(classes), train, val, fingerprint(train, val), tuple(others))
+
+
+def _listing(root, problems) -> str:
+    shown = "\n  ".join(problems[:50])
+    more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
+    return f"{len(problems)} problem(s) in {root}:\n  {shown}{more}"
 
 
 def _stratified_split(root, paths, labels, val_fraction, seed) -> tuple[Split, Split]:
@@ -172,14 +200,23 @@ class DataHandle:
 
     def ensure(self, workers: int | None = None) -> Path:
         """Build the cache on this node unless it is there; one builder per node."""
-        if (self.path / "meta.json").exists():
-            return self.path
+        if not (self.path / "meta.json").exists():
+            self.prepare(skip_bad=False, workers=workers)
+        return self.path
+
+    def prepare(self, skip_bad: bool, workers: int | None = None) -> "DataHandle":
+        """Decode every image once into the cache; this is also the validation pass.
+
+        Unreadable or truncated images, and files that are not images, stop it with the
+        full list, or with ``skip_bad`` are left out: the returned handle's dataset no
+        longer has them and lists them in ``dataset.skipped``.
+        """
         Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
         with open(Path(self.cache_dir) / f"{self.key}.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits, then finds it done
-            if not (self.path / "meta.json").exists():
-                _build(self, workers or os.cpu_count() or 1)
-        return self.path
+            if (self.path / "meta.json").exists():
+                return self
+            return _build(self, workers or os.cpu_count() or 1, skip_bad)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
         """Memory-mapped ``(N, H, W, 3)`` uint8 images and int64 labels of a split."""
@@ -188,27 +225,57 @@ class DataHandle:
                 np.load(path / f"{split}_y.npy"))
 
 
-def _build(handle: DataHandle, workers: int) -> None:
+def _try_decode(path: str, size: int) -> np.ndarray | str:
+    try:
+        return decode_image(path, size)
+    except Exception as e:  # PIL raises many types for broken files; each is a bad image
+        return f"unreadable image ({type(e).__name__}: {e})"
+
+
+def _decode_split(split: Split, size: int, workers: int, out_path: Path) -> dict[str, str]:
+    out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(len(split), size, size, 3))
+    bad = {}
+    # PIL releases the GIL while decoding and resizing, so threads use every core.
+    with ThreadPoolExecutor(workers) as pool:
+        for i, (path, img) in enumerate(zip(split.paths, pool.map(lambda p: _try_decode(p, size),
+                                                                   split.paths))):
+            if isinstance(img, str):
+                bad[path] = img
+            else:
+                out[i] = img
+    if bad:  # rewrite without the bad rows (rare: only with --skip-bad-images)
+        good = [i for i, p in enumerate(split.paths) if p not in bad]
+        kept = np.ascontiguousarray(out[good])
+        del out
+        np.save(out_path, kept)
+    else:
+        out.flush()
+        del out
+    return bad
+
+
+def _build(handle: DataHandle, workers: int, skip_bad: bool) -> DataHandle:
+    ds = handle.dataset
     tmp = Path(tempfile.mkdtemp(dir=handle.cache_dir, prefix=f".{handle.key}."))
     try:
-        decodes = 0
+        bad = {}
         for name in ("train", "val"):
-            split: Split = getattr(handle.dataset, name)
-            out = np.lib.format.open_memmap(tmp / f"{name}_x.npy", mode="w+", dtype=np.uint8,
-                                            shape=(len(split), handle.image_size, handle.image_size, 3))
-            # PIL releases the GIL while decoding and resizing, so threads use every core.
-            with ThreadPoolExecutor(workers) as pool:
-                for i, img in enumerate(pool.map(lambda p: decode_image(p, handle.image_size),
-                                                 split.paths, chunksize=16)):
-                    out[i] = img
-            out.flush()
-            del out
-            np.save(tmp / f"{name}_y.npy", np.asarray(split.labels, dtype=np.int64))
-            decodes += len(split)
+            bad |= _decode_split(getattr(ds, name), handle.image_size, workers, tmp / f"{name}_x.npy")
+        if (bad or ds.not_images) and not skip_bad:
+            problems = [f"{p}: not an image" for p in ds.not_images] + [f"{p}: {r}" for p, r in bad.items()]
+            raise DataError(_listing(ds.root, problems) +
+                            "\nfix or remove them, or pass --skip-bad-images to leave them out")
+        if bad or ds.not_images:
+            handle = replace(handle, dataset=ds.without(bad))
+            if (handle.path / "meta.json").exists():
+                return handle
+        for name in ("train", "val"):
+            np.save(tmp / f"{name}_y.npy", np.asarray(getattr(handle.dataset, name).labels, dtype=np.int64))
         meta = {"classes": list(handle.classes), "image_size": handle.image_size,
-                "fingerprint": handle.dataset.fingerprint, "decodes": decodes}
+                "fingerprint": handle.dataset.fingerprint, "decodes": len(ds)}
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, handle.path)  # atomic: a reader sees no cache or a whole one
+        return handle
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -296,7 +296,13 @@ def _family(name: str) -> Callable[[nn.Module], Staged]:
 
 
 def stages(model: nn.Module, name: str) -> Staged:
-    return _family(name)(model)
+    """The staged view of a supported family; for any other model, the whole model as the
+    head with no stages (it trains end to end: frozen_depth must be 0, no head dropout)."""
+    try:
+        family = _family(name)
+    except ModelError:
+        return Staged([], nn.Identity(), model)
+    return family(model)
 
 
 @functools.cache

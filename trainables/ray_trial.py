@@ -18,8 +18,9 @@ def trainable(config: dict, data: DataHandle) -> None:
     resources = ray.get_runtime_context().get_assigned_resources()
     threads = max(1, int(resources.get("CPU", 1)))
 
-    def report(metrics: dict, checkpoint_dir: Path) -> None:
-        tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(checkpoint_dir))
+    def report(metrics: dict, checkpoint_dir: Path | None) -> None:
+        checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        tune.report(metrics, checkpoint=checkpoint)
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:

@@ -19,9 +19,9 @@ import torch.nn.functional as F
 
 from trainables.config import TrialConfig
 from trainables.data import Batches, DataHandle
-from trainables.models import build_model, freeze, set_train_mode, stages
+from trainables.models import ModelError, build_model, freeze, set_train_mode, stages
 
-Report = Callable[[dict, Path], None]
+Report = Callable[[dict, Path | None], None]
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -41,6 +41,8 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
 
     model = build_model(cfg.model, len(data.classes), cfg.weights)
     staged = stages(model, cfg.model)
+    if not staged.stages and cfg.dropout > 0:
+        raise ModelError(f"dropout before the head is not available for {cfg.model}")
     freeze(staged, cfg.frozen_depth)
     model.to(device)
     if device.type == "cuda" and cfg.channels_last:
@@ -72,7 +74,15 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
     for epoch in range(state["epoch"] + 1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
         set_train_mode(model, staged, cfg.frozen_depth, training=True)
-        train_loss, seen = step.train_epoch(train)
+        try:
+            train_loss, seen = step.train_epoch(train)
+        except TrialDiverged as e:
+            # Retrying from the last checkpoint would diverge again: stop, with the reason.
+            metrics = {"epoch": epoch, "val_acc": 0.0, "diverged": 1, "stop_reason": str(e)}
+            if report is None:
+                raise
+            report(metrics, None)
+            return metrics
         train_s = time.perf_counter() - t0
         val_loss, val_acc = evaluate(step, val)
         if val_acc > state["best_val_acc"]:

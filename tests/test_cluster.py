@@ -1,0 +1,215 @@
+"""A sweep submitted to a real two-node Ray cluster with token authentication on.
+
+Both nodes run on this machine: the head, and a worker that calls itself 127.0.0.2
+(Linux answers on all of 127.0.0.0/8), so a trial's ``node_ip`` says which node ran it.
+Each node has its own temp dir, ports and process session; the fixture stops exactly
+those sessions and checks nothing of them is left (never ``ray stop``: it would stop
+every Ray on the machine, other tests' included).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import ROOT, free_port
+from sweeps.submit import EXCLUDES
+
+pytestmark = pytest.mark.slow
+RAY = [sys.executable, "-m", "ray.scripts.scripts"]
+SUBMIT = [sys.executable, str(ROOT / "sweeps" / "submit.py")]
+WORKER_IP = "127.0.0.2"
+
+
+@dataclass(frozen=True)
+class Cluster:
+    url: str  # the dashboard, where jobs are submitted
+    env: dict  # a client's environment: RAY_AUTH_MODE=token and the token's file
+    root: Path
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    # Short: Ray's unix sockets live under the temp dir and their paths are limited to 107 bytes.
+    root = Path(tempfile.mkdtemp(prefix="ftr-", dir="/tmp"))
+    token = root / "auth_token"
+    token.write_text(secrets.token_hex(32))
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token))
+    gcs, dashboard = free_port(), free_port()
+    sessions: list[int] = []
+    try:
+        # Fixed ports elsewhere default to values another Ray on this machine may hold
+        # (the agent's 52365, the client server's 10001), so every node gets free ones.
+        _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
+                    "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard,
+                    "--ray-client-server-port", free_port(), "--dashboard-agent-listen-port", free_port(),
+                    "--num-cpus", 1, "--temp-dir", root / "head"], env, root / "head.log", sessions)
+        _ray_start(["--address", f"127.0.0.1:{gcs}", "--node-ip-address", WORKER_IP,
+                    "--dashboard-agent-listen-port", free_port(), "--num-cpus", 1,
+                    "--temp-dir", root / "worker"], env, root / "worker.log", sessions)
+        url = f"http://127.0.0.1:{dashboard}"
+        _wait_for_nodes(url, token.read_text(), 2)
+        yield Cluster(url, env, root)
+    finally:
+        left = _stop(sessions, root)
+        assert not left, f"processes of the test's Ray cluster still running: {left}"
+
+
+def _ray_start(args: list, env: dict, log: Path, sessions: list[int]) -> None:
+    """``ray start`` in a new session; it returns once the node is up, leaving the node's
+    processes in that session."""
+    with open(log, "w") as out:
+        proc = subprocess.Popen([*RAY, "start", *map(str, args), "--disable-usage-stats"], env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    sessions.append(proc.pid)  # before waiting: a half-started node is stopped too
+    if proc.wait(timeout=180) != 0:
+        raise RuntimeError(f"ray start {args[0]} failed:\n{log.read_text()[-3000:]}")
+
+
+def _wait_for_nodes(url: str, token: str, count: int, timeout: float = 60) -> None:
+    request = urllib.request.Request(f"{url}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with urllib.request.urlopen(request, timeout=10) as r:
+            nodes = json.load(r)["data"]["result"]["result"]
+        if sum(n["state"] == "ALIVE" for n in nodes) >= count:
+            return
+        time.sleep(1)
+    raise TimeoutError(f"the cluster at {url} did not reach {count} nodes in {timeout} s")
+
+
+def _ours(sessions: list[int], root: Path) -> dict[int, str]:
+    """Live processes of the sessions the fixture started, or naming its temp dir (a worker
+    that left the session would still name its raylet's socket there): pid -> command."""
+    found = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit() or int(proc.name) == os.getpid():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:  # exited meanwhile
+            continue
+        state, _ppid, _pgrp, session = stat.rsplit(")", 1)[1].split()[:4]
+        if state != "Z" and (int(session) in sessions or str(root) in cmdline):
+            found[int(proc.name)] = cmdline[:120]
+    return found
+
+
+def _stop(sessions: list[int], root: Path) -> dict[int, str]:
+    """SIGTERM the fixture's processes, SIGKILL what is left after a grace period (a
+    raylet drains for up to 30 s); returns what still runs after that (nothing, normally)."""
+    for sig, grace in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        for pid in _ours(sessions, root):
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while _ours(sessions, root) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    return _ours(sessions, root)
+
+
+def _without_auth_env(env: dict, home: Path) -> dict:
+    env = {k: v for k, v in env.items() if not k.startswith("RAY_AUTH")}
+    env["HOME"] = str(home)  # no ~/.ray/auth_token either
+    return env
+
+
+def test_ray_job_submit_runs_the_shared_storage_check_on_every_node(ray_cluster, tmp_path):
+    shared = tmp_path / "shared"
+    code = textwrap.dedent(f"""
+        import ray
+        from sweeps import storage
+        ray.init()
+        storage.require_shared({str(shared)!r}, {{}})  # every node sees it: no error
+        try:
+            storage.require_shared({str(shared)!r}, {{"/nonexistent/ftsweep": "the dataset (--data)"}})
+        except storage.NotShared as e:
+            print(e)
+    """)
+    # The README's form: the plain Ray CLI, which sends the token only with RAY_AUTH_MODE=token.
+    proc = subprocess.run(
+        [*RAY, "job", "submit", "--address", ray_cluster.url, "--working-dir", ".",
+         "--runtime-env-json", json.dumps({"excludes": EXCLUDES}), "--", "python", "-c", code],
+        cwd=ROOT, env=ray_cluster.env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    unseen = [line for line in proc.stdout.splitlines()
+              if "cannot see the dataset (--data) /nonexistent/ftsweep" in line]
+    assert len(unseen) == 2 and any(WORKER_IP in line for line in unseen), proc.stdout[-4000:]
+    assert not list(shared.glob(".ftsweep-probe-*"))  # the probe file is cleaned up
+
+
+def test_submitted_sweep_spreads_trials_over_both_nodes(ray_cluster, mlflow_server, cache_dir, tmp_path):
+    """Both trials are started at once (--max-concurrent 2; with a searcher Tune otherwise
+    starts the next trial only when the last one runs) and each node has one CPU, so they
+    run on different nodes, unless one finishes before the other's worker even starts."""
+    shared = tmp_path / "shared"  # every node of this cluster sees it: they share a machine
+    name = f"cluster-{uuid.uuid4().hex[:6]}"
+    # No RAY_AUTH_MODE here: submit.py sends the token from RAY_AUTH_TOKEN_PATH regardless.
+    env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_MODE"}
+    proc = subprocess.run(
+        [*SUBMIT, "--address", ray_cluster.url, "--env", f"FTSWEEP_CACHE={cache_dir}", "--",
+         "--space", "smoke", "--trials", "2", "--max-epochs", "2", "--max-concurrent", "2", "--name", name,
+         "--storage", str(shared), "--tracking-uri", mlflow_server],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "SUCCEEDED" in proc.stderr
+
+    sweep_dir = shared.resolve() / name
+    assert proc.stdout.strip().splitlines()[-1] == str(sweep_dir / "sweep_summary.json")
+    summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
+    assert sum(summary["trials"].values()) == 2 and summary["trials"]["errored"] == 0
+    assert Path(summary["best"]["checkpoint"]).is_file()
+
+    node_ips = {json.loads(line)["node_ip"] for f in sweep_dir.glob("trial_*/result.json")
+                for line in f.read_text().splitlines() if line.strip()}
+    assert len(node_ips) == 2 and WORKER_IP in node_ips, (node_ips, proc.stdout[-6000:])
+
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([summary["experiment_id"]], f"tags.`ftsweep.sweep` = '{name}'")
+    parents = [r for r in runs if r.data.tags.get("ftsweep.role") == "parent"]
+    trials = [r for r in runs if r.data.tags.get("ftsweep.role") == "trial"]
+    assert [p.info.run_id for p in parents] == [summary["parent_run_id"]]
+    assert len(trials) == 2
+    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {summary["parent_run_id"]}
+
+
+def test_submit_without_token_exits_2_naming_where_to_put_it(ray_cluster, tmp_path):
+    proc = subprocess.run(
+        [*SUBMIT, "--address", ray_cluster.url, "--", "--space", "smoke",
+         "--storage", str(tmp_path / "shared"), "--tracking-uri", "http://127.0.0.1:5000"],
+        cwd=tmp_path, env=_without_auth_env(ray_cluster.env, tmp_path), capture_output=True,
+        text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "token authentication" in proc.stderr and "no token was found" in proc.stderr
+    for place in ("RAY_AUTH_TOKEN environment variable", "RAY_AUTH_TOKEN_PATH", "~/.ray/auth_token"):
+        assert place in proc.stderr
+
+
+def test_submit_with_a_wrong_token_exits_2_naming_its_source(ray_cluster, tmp_path):
+    env = _without_auth_env(ray_cluster.env, tmp_path)
+    env["RAY_AUTH_TOKEN"] = "not-the-cluster-token"
+    proc = subprocess.run(
+        [*SUBMIT, "--address", ray_cluster.url, "--", "--space", "smoke",
+         "--storage", str(tmp_path / "shared"), "--tracking-uri", "http://127.0.0.1:5000"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "rejected the token from RAY_AUTH_TOKEN" in proc.stderr

@@ -1,0 +1,125 @@
+"""sweeps/export.py against a real sweep: the exported TorchScript and ONNX models compute
+what the checkpoint in the sweep's best/ computes, and carry its classes and preprocessing."""
+
+import json
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, free_port, run_sweep
+from mlflow.tracking import MlflowClient
+from torchvision.models import get_model
+
+from sweeps.export import build_parser, main
+
+pytestmark = pytest.mark.slow
+EXPORT = [sys.executable, str(ROOT / "sweeps" / "export.py")]
+
+
+@pytest.fixture(scope="module")
+def sweep(cache_dir, tmp_path_factory):
+    """One smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
+    cwd = tmp_path_factory.mktemp("export-sweep")
+    uri = f"sqlite:///{cwd}/mlflow.db"
+    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", "export-test",
+                      "--tracking-uri", uri, "--storage", str(cwd / "results")], cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text()), uri
+
+
+@pytest.fixture(scope="module")
+def checkpoint(sweep, tmp_path_factory):
+    """The best checkpoint loaded as DESIGN.md promises any user can: (model, meta)."""
+    summary, uri = sweep
+    best = Path(MlflowClient(uri).download_artifacts(summary["parent_run_id"], "best",
+                                                     str(tmp_path_factory.mktemp("best"))))
+    meta = json.loads((best / "meta.json").read_text())
+    model = get_model(meta["model"], num_classes=len(meta["classes"]))
+    model.load_state_dict(torch.load(best / "model.pt", weights_only=True))
+    return model.eval(), meta
+
+
+@pytest.fixture(autouse=True)
+def mlflow_env(monkeypatch):
+    """main() sets these MLflow variables for its process; undo them after each test."""
+    for name, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
+                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")]:
+        monkeypatch.setenv(name, value)
+
+
+def inputs(meta: dict, n: int = 3) -> torch.Tensor:
+    size = meta["image_size"]
+    return torch.randn(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+
+
+def test_torchscript_matches_the_checkpoint(sweep, checkpoint, tmp_path):
+    summary, uri = sweep
+    model, meta = checkpoint
+    out = tmp_path / "models" / "best.pt"  # the folder does not exist yet
+    # As a user runs it, and --run by sweep name.
+    proc = subprocess.run([*EXPORT, "--tracking-uri", uri, "--run", "export-test", "--format", "torchscript",
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+
+    extra = {"meta.json": ""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, still loads
+        scripted = torch.jit.load(str(out), _extra_files=extra)
+    x = inputs(meta)
+    with torch.no_grad():
+        torch.testing.assert_close(scripted(x), model(x))
+    embedded = json.loads(extra["meta.json"])
+    assert embedded["run_id"] == summary["parent_run_id"] and embedded["sweep"] == "export-test"
+    assert {k: embedded[k] for k in meta} == meta
+    assert [p.name for p in out.parent.iterdir()] == ["best.pt"]  # no temporary file left
+
+
+def test_onnx_is_checked_and_matches_the_checkpoint(sweep, checkpoint, tmp_path, capsys):
+    onnx = pytest.importorskip("onnx", reason="the onnx package is not installed (pip install onnx)")
+    from onnx.reference import ReferenceEvaluator
+
+    summary, uri = sweep
+    model, meta = checkpoint
+    out = tmp_path / "best.onnx"
+    # The format follows from the .onnx suffix.
+    assert main(["--tracking-uri", uri, "--run", summary["parent_run_id"], "--out", str(out)]) == 0
+    assert "passed onnx.checker" in capsys.readouterr().out
+
+    proto = onnx.load(str(out))
+    onnx.checker.check_model(proto, full_check=True)
+    embedded = json.loads({p.key: p.value for p in proto.metadata_props}["ftsweep.meta"])
+    assert embedded["classes"] == meta["classes"] and embedded["mean"] == meta["mean"]
+    x = inputs(meta)  # a batch of 3, exported with a batch of 1: the batch axis is dynamic
+    logits = ReferenceEvaluator(proto).run(None, {"image": x.numpy()})[0]
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(logits), model(x), rtol=1e-4, atol=1e-4)
+
+
+def test_bad_input_exits_2(sweep, tmp_path, capsys):
+    _, uri = sweep
+    out = tmp_path / "best.pt"
+    cases = [(["--tracking-uri", uri, "--run", "no-such-sweep"], "no sweep named 'no-such-sweep'"),
+             (["--tracking-uri", f"http://127.0.0.1:{free_port()}", "--run", "x"], "unreachable"),
+             (["--tracking-uri", uri, "--run", "export-test", "--out", str(tmp_path)], "is a folder")]
+    for argv, message in cases:
+        argv = argv if "--out" in argv else [*argv, "--out", str(out)]
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (argv, err)
+    assert not out.exists()
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+        assert all(flag in out for flag in action.option_strings)

@@ -1,0 +1,156 @@
+"""sweeps/predict.py against a real sweep: on the sweep's own val split it must score
+exactly the val_acc the sweep logged, and bad input fails clearly."""
+
+import csv
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, free_port, run_sweep
+from mlflow.tracking import MlflowClient
+
+from sweeps.predict import build_parser, main
+from trainables import demo
+from trainables.data import scan
+
+pytestmark = pytest.mark.slow
+PREDICT = [sys.executable, str(ROOT / "sweeps" / "predict.py")]
+
+
+@pytest.fixture(scope="module")
+def sweep(cache_dir, tmp_path_factory):
+    """One smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
+    cwd = tmp_path_factory.mktemp("predict-sweep")
+    uri = f"sqlite:///{cwd}/mlflow.db"
+    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", "predict-test",
+                      "--tracking-uri", uri, "--storage", str(cwd / "results")], cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text()), uri
+
+
+@pytest.fixture(autouse=True)
+def mlflow_env(monkeypatch):
+    """main() sets these MLflow variables for its process; undo them after each test."""
+    for name, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
+                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")]:
+        monkeypatch.setenv(name, value)
+
+
+def val_tree(root: Path, seed: int) -> int:
+    """The sweep's val split rebuilt as ``root/<class>/<file>`` symlinks; returns its size."""
+    dataset = scan(demo.transfer_folder(), 0.2, seed)
+    for path, label in zip(dataset.val.paths, dataset.val.labels, strict=True):
+        folder = root / dataset.classes[label]
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / Path(path).name).symlink_to(path)
+    return len(dataset.val)
+
+
+def test_val_accuracy_equals_the_logged_best(sweep, tmp_path):
+    summary, uri = sweep
+    n = val_tree(tmp_path / "val", summary["best"]["config"]["seed"])
+    out = tmp_path / "preds.csv"
+    proc = subprocess.run([*PREDICT, "--tracking-uri", uri, "--run", summary["parent_run_id"],
+                           "--images", str(tmp_path / "val"), "--out", str(out)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip().splitlines()[-1] == str(out)
+
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["path", "prediction", "probability", "top2", "top2_prob", "top3", "top3_prob"]
+    assert len(rows) == n
+    correct = sum(Path(r["path"]).parent.name == r["prediction"] for r in rows)
+
+    client = MlflowClient(uri)
+    meta = json.loads(Path(client.download_artifacts(summary["parent_run_id"], "best/meta.json",
+                                                     str(tmp_path))).read_text())
+    assert correct / n == pytest.approx(meta["val_acc"], abs=1e-9)
+    assert correct / n == pytest.approx(summary["best"]["val_acc"], abs=1e-9)
+    assert correct / n == pytest.approx(
+        client.get_run(summary["parent_run_id"]).data.metrics["best_val_acc"], abs=1e-9)
+    for r in rows:
+        probs = [float(r["probability"]), float(r["top2_prob"]), float(r["top3_prob"])]
+        assert 1 >= probs[0] >= probs[1] >= probs[2] >= 0
+        assert len({r["prediction"], r["top2"], r["top3"]}) == 3
+
+
+def image_dir(root: Path, good: int = 2) -> Path:
+    """``good`` digit PNGs, a corrupt PNG, a hidden corrupt PNG and a text file."""
+    sources = sorted((demo.transfer_folder() / "7").glob("*.png"))[:good]
+    (root / "sub").mkdir(parents=True)
+    for src in sources:
+        shutil.copy(src, root / "sub" / src.name)
+    (root / "broken.png").write_bytes(b"not a png")
+    (root / ".hidden").mkdir()
+    (root / ".hidden" / "also-broken.png").write_bytes(b"not a png")
+    (root / ".DS_Store.png").write_bytes(b"junk")
+    (root / "notes.txt").write_text("not an image")
+    return root
+
+
+def test_unreadable_files_are_listed_and_left_out(sweep, tmp_path, capsys):
+    summary, uri = sweep
+    images, out = image_dir(tmp_path / "in"), tmp_path / "preds.csv"
+    assert main(["--tracking-uri", uri, "--run", "predict-test", "--images", str(images),
+                 "--out", str(out), "--top-k", "1"]) == 0
+    err = capsys.readouterr().err
+    assert f"unreadable: {images / 'broken.png'}" in err
+    assert "hidden" not in err and "DS_Store" not in err
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [Path(r["path"]).parent for r in rows] == [images / "sub"] * 2
+    assert list(rows[0]) == ["path", "prediction", "probability"]
+
+
+def test_nothing_readable_exits_1(sweep, tmp_path, capsys):
+    summary, uri = sweep
+    images, out = image_dir(tmp_path / "in", good=0), tmp_path / "preds.csv"
+    assert main(["--tracking-uri", uri, "--run", summary["parent_run_id"], "--images", str(images),
+                 "--out", str(out)]) == 1
+    assert "none of the 1 images" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def other_runs(uri: str, summary: dict) -> dict:
+    client = MlflowClient(uri)
+    trial = client.search_runs([summary["experiment_id"]], "tags.`ftsweep.role` = 'trial'")[0]
+    bare = client.create_run(summary["experiment_id"]).info.run_id
+    client.set_terminated(bare)
+    return {"trial": trial.info.run_id, "bare": bare}
+
+
+def test_bad_input_exits_2_naming_the_problem(sweep, tmp_path, capsys):
+    summary, uri = sweep
+    runs = other_runs(uri, summary)
+    images = image_dir(tmp_path / "in")
+    ok = ["--run", summary["parent_run_id"], "--images", str(images), "--out", str(tmp_path / "p.csv")]
+    cases = [
+        (["--tracking-uri", uri, *ok[:2], "--images", str(tmp_path / "missing"), *ok[4:]], "no such folder"),
+        (["--tracking-uri", uri, *ok[:2], "--images", str(tmp_path), *ok[4:], "--top-k", "0"], "--top-k"),
+        (["--tracking-uri", uri, "--run", "0" * 32, *ok[2:]], "no run with id"),
+        (["--tracking-uri", uri, "--run", "no-such-sweep", *ok[2:]], "no sweep named 'no-such-sweep'"),
+        (["--tracking-uri", uri, "--run", runs["trial"], *ok[2:]],
+         f"is a trial of sweep predict-test; pass the sweep's run {summary['parent_run_id']}"),
+        (["--tracking-uri", uri, "--run", runs["bare"], *ok[2:]], "has no best/"),
+        (["--tracking-uri", f"http://127.0.0.1:{free_port()}", *ok], "unreachable"),
+        (["--tracking-uri", f"sqlite:///{tmp_path}/other.db", *ok], "other.db does not exist"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and message in err, (argv, err)
+    assert not (tmp_path / "p.csv").exists() and not (tmp_path / "other.db").exists()
+
+
+def test_help_documents_every_flag(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+        assert all(flag in out for flag in action.option_strings)

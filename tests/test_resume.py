@@ -1,0 +1,77 @@
+"""Kill the driver with SIGKILL in the middle of a sweep, run it again with --resume."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+
+from conftest import RUN, stop_group
+
+pytestmark = pytest.mark.slow
+TRIALS = 6
+
+
+def child_runs(client, name):
+    exp = client.get_experiment_by_name("ftsweep-digits5-9")
+    if exp is None:
+        return []
+    return client.search_runs([exp.experiment_id],
+                              f"tags.`ftsweep.sweep` = '{name}' and tags.`ftsweep.role` = 'trial'")
+
+
+def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path, cache_dir):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    args = [*RUN, "--space", "smoke", "--trials", str(TRIALS), "--name", "nightly",
+            "--storage", str(tmp_path / "results"), "--tracking-uri", uri]
+    driver = subprocess.Popen(args, cwd=tmp_path, stdout=open(tmp_path / "first.log", "w"),
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    client = MlflowClient(uri)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None:
+            ended = [r for r in child_runs(client, "nightly") if r.data.tags["outcome"] != "running"]
+            if len(ended) >= 2:
+                break
+            time.sleep(0.5)
+        assert driver.poll() is None, "the sweep finished before it could be killed"
+        os.kill(driver.pid, signal.SIGKILL)  # the driver dies without any cleanup
+        driver.wait()
+    finally:
+        stop_group(driver)  # and the local Ray it started goes with it
+    before = {r.data.tags["ftsweep.trial_id"]: r for r in child_runs(client, "nightly")}
+    done_before = {t: r for t, r in before.items() if r.data.tags["outcome"] != "running"}
+    epochs_before = {t: len(client.get_metric_history(r.info.run_id, "val_acc"))
+                     for t, r in done_before.items()}
+    assert 2 <= len(done_before) < TRIALS
+    parent_before = client.search_runs([before[next(iter(before))].info.experiment_id],
+                                       "tags.`ftsweep.role` = 'parent'")
+
+    again = subprocess.run([*args, "--resume"], cwd=tmp_path, capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    summary = json.loads(Path(again.stdout.strip().splitlines()[-1]).read_text())
+
+    # The same parent run continues; every trial is counted once, here and in MLflow.
+    assert summary["parent_run_id"] == parent_before[0].info.run_id
+    assert sum(summary["trials"].values()) == TRIALS
+    after = child_runs(client, "nightly")
+    assert len(after) == TRIALS  # runs of trials Tune never recorded are marked abandoned
+    assert len({r.data.tags["ftsweep.trial_id"] for r in after}) == TRIALS
+    for run in after:
+        assert run.data.tags["outcome"] in ("completed", "stopped_early")
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
+        assert steps == list(range(1, len(steps) + 1)), (run.info.run_name, steps)
+    # Trials that had finished were not run again.
+    for trial_id, run in done_before.items():
+        now = client.get_run(run.info.run_id)
+        assert now.info.end_time == run.info.end_time
+        assert len(client.get_metric_history(run.info.run_id, "val_acc")) == epochs_before[trial_id]
+    # ASHA still stops trials after the restart: its rungs and TPE's history came back.
+    resumed_log = again.stdout
+    assert "Number of trials: 6/6" in resumed_log
+    assert summary["trials"]["stopped_early"] >= 1
