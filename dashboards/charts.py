@@ -124,12 +124,6 @@ def parallel_coordinates(sweep: Sweep) -> str:
     acc = acc_scale(sweep, f.y0, f.y1)
     scored = trials["best_val_acc"].dropna()
     lo, hi = (scored.min(), scored.max()) if len(scored) else (0, 1)
-    for x, name, s in zip(axes_x, [*names, "best val_acc"], [*scales, acc], strict=True):
-        f.line(x, f.y0, x, f.y1, class_="axis")
-        f.text(x, f.y1 - 12, name, class_="label", text_anchor="middle")
-        for v in s.ticks(4):
-            f.line(x - 3, s(v), x, s(v), class_="axis")
-            f.text(x - 6, s(v) + 4, fmt(v), class_="tick", text_anchor="end")
     best = sweep.best()
     for _, r in trials.sort_values("best_val_acc", na_position="first").iterrows():
         pts = [(x, s(r[n])) for x, n, s in zip(axes_x, names, scales, strict=False)]  # axes_x has one more
@@ -140,6 +134,13 @@ def parallel_coordinates(sweep: Sweep) -> str:
         is_best = best is not None and r["trial"] == best["trial"]
         f.polyline(pts, stroke=colour, class_="pc best" if is_best else "pc", data_trial=r["trial"],
                    title=describe(r, sweep.searched))
+    # axes last, so their (haloed) tick labels stay readable over the lines
+    for x, name, s in zip(axes_x, [*names, "best val_acc"], [*scales, acc], strict=True):
+        f.line(x, f.y0, x, f.y1, class_="axis")
+        f.text(x, f.y1 - 12, name, class_="label", text_anchor="middle")
+        for v in s.ticks(4):
+            f.line(x - 3, s(v), x, s(v), class_="axis")
+            f.text(x - 6, s(v) + 4, fmt(v), class_="tick", text_anchor="end")
     _colour_key(f, axes_x[-1] + 40, lo, hi)
     return f.render(data_chart="parallel")
 

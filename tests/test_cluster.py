@@ -2,9 +2,12 @@
 
 Both nodes run on this machine: the head, and a worker that calls itself 127.0.0.2
 (Linux answers on all of 127.0.0.0/8), so a trial's ``node_ip`` says which node ran it.
-Each node has its own temp dir, ports and process session; the fixture stops exactly
-those sessions and checks nothing of them is left (never ``ray stop``: it would stop
-every Ray on the machine, other tests' included).
+As on a production cluster, the head runs the job's driver and no trials (0 CPUs); the
+worker's 2 CPUs run them. (With a CPU on each node, "one trial per node" could not be
+asserted: Tune hands a finished trial's actor to a trial whose own actor on the other
+node is still starting.) Each node has its own temp dir, ports and process session; the
+fixture stops exactly those sessions and checks nothing of them is left (never ``ray
+stop``: it would stop every Ray on the machine, other tests' included).
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from conftest import ROOT, free_port
 from mlflow.tracking import MlflowClient
 
-from conftest import ROOT, free_port
 from sweeps.submit import EXCLUDES
 
 pytestmark = pytest.mark.slow
@@ -59,9 +63,9 @@ def ray_cluster():
         _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard,
                     "--ray-client-server-port", free_port(), "--dashboard-agent-listen-port", free_port(),
-                    "--num-cpus", 1, "--temp-dir", root / "head"], env, root / "head.log", sessions)
+                    "--num-cpus", 0, "--temp-dir", root / "head"], env, root / "head.log", sessions)
         _ray_start(["--address", f"127.0.0.1:{gcs}", "--node-ip-address", WORKER_IP,
-                    "--dashboard-agent-listen-port", free_port(), "--num-cpus", 1,
+                    "--dashboard-agent-listen-port", free_port(), "--num-cpus", 2,
                     "--temp-dir", root / "worker"], env, root / "worker.log", sessions)
         url = f"http://127.0.0.1:{dashboard}"
         _wait_for_nodes(url, token.read_text(), 2)
@@ -69,6 +73,7 @@ def ray_cluster():
     finally:
         left = _stop(sessions, root)
         assert not left, f"processes of the test's Ray cluster still running: {left}"
+        shutil.rmtree(root, ignore_errors=True)
 
 
 def _ray_start(args: list, env: dict, log: Path, sessions: list[int]) -> None:
@@ -82,12 +87,22 @@ def _ray_start(args: list, env: dict, log: Path, sessions: list[int]) -> None:
         raise RuntimeError(f"ray start {args[0]} failed:\n{log.read_text()[-3000:]}")
 
 
+def _get(url: str, token: str):
+    """GET a dashboard API with the token, as Ray's clients send it."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as r:
+        return json.load(r)
+
+
+def _nodes(cluster: Cluster) -> list[dict]:
+    token = Path(cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text()
+    return _get(f"{cluster.url}/api/v0/nodes", token)["data"]["result"]["result"]
+
+
 def _wait_for_nodes(url: str, token: str, count: int, timeout: float = 60) -> None:
-    request = urllib.request.Request(f"{url}/api/v0/nodes", headers={"Authorization": f"Bearer {token}"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        with urllib.request.urlopen(request, timeout=10) as r:
-            nodes = json.load(r)["data"]["result"]["result"]
+        nodes = _get(f"{url}/api/v0/nodes", token)["data"]["result"]["result"]
         if sum(n["state"] == "ALIVE" for n in nodes) >= count:
             return
         time.sleep(1)
@@ -157,21 +172,20 @@ def test_ray_job_submit_runs_the_shared_storage_check_on_every_node(ray_cluster,
     assert not list(shared.glob(".ftsweep-probe-*"))  # the probe file is cleaned up
 
 
-def test_submitted_sweep_spreads_trials_over_both_nodes(ray_cluster, mlflow_server, cache_dir, tmp_path):
-    """Both trials are started at once (--max-concurrent 2; with a searcher Tune otherwise
-    starts the next trial only when the last one runs) and each node has one CPU, so they
-    run on different nodes, unless one finishes before the other's worker even starts."""
+def test_submitted_sweep_runs_its_trials_on_another_node(ray_cluster, mlflow_server, cache_dir, tmp_path):
     shared = tmp_path / "shared"  # every node of this cluster sees it: they share a machine
     name = f"cluster-{uuid.uuid4().hex[:6]}"
+    job_id = f"ftsweep-{name}"
     # No RAY_AUTH_MODE here: submit.py sends the token from RAY_AUTH_TOKEN_PATH regardless.
     env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_MODE"}
     proc = subprocess.run(
-        [*SUBMIT, "--address", ray_cluster.url, "--env", f"FTSWEEP_CACHE={cache_dir}", "--",
-         "--space", "smoke", "--trials", "2", "--max-epochs", "2", "--max-concurrent", "2", "--name", name,
+        [*SUBMIT, "--address", ray_cluster.url, "--submission-id", job_id,
+         "--env", f"FTSWEEP_CACHE={cache_dir}", "--",
+         "--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", name,
          "--storage", str(shared), "--tracking-uri", mlflow_server],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
-    assert "SUCCEEDED" in proc.stderr
+    assert f"job {job_id} SUCCEEDED" in proc.stderr
 
     sweep_dir = shared.resolve() / name
     assert proc.stdout.strip().splitlines()[-1] == str(sweep_dir / "sweep_summary.json")
@@ -179,9 +193,15 @@ def test_submitted_sweep_spreads_trials_over_both_nodes(ray_cluster, mlflow_serv
     assert sum(summary["trials"].values()) == 2 and summary["trials"]["errored"] == 0
     assert Path(summary["best"]["checkpoint"]).is_file()
 
-    node_ips = {json.loads(line)["node_ip"] for f in sweep_dir.glob("trial_*/result.json")
-                for line in f.read_text().splitlines() if line.strip()}
-    assert len(node_ips) == 2 and WORKER_IP in node_ips, (node_ips, proc.stdout[-6000:])
+    # The driver ran on the head, the trials on the worker: their checkpoints crossed nodes.
+    nodes = {n["node_id"]: n for n in _nodes(ray_cluster)}
+    token = Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text()
+    driver_node = nodes[_get(f"{ray_cluster.url}/api/jobs/{job_id}", token)["driver_node_id"]]
+    assert driver_node["is_head_node"] and driver_node["node_ip"] != WORKER_IP
+    results = [json.loads(line) for f in sweep_dir.glob("trial_*/result.json")
+               for line in f.read_text().splitlines() if line.strip()]
+    assert len({r["trial_id"] for r in results}) == 2
+    assert {r["node_ip"] for r in results} == {WORKER_IP}
 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([summary["experiment_id"]], f"tags.`ftsweep.sweep` = '{name}'")
