@@ -58,7 +58,9 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
         summary.export_best(best[2], best_dir)
     counts = summary.count_trials(results, max_epochs)
     pending = tracker.finish(best_dir if best else None,
-                             {"best_val_acc": best[1]["val_acc"] if best else 0.0, **counts},
+                             {"best_val_acc": best[1]["val_acc"] if best else 0.0, **counts,
+                              "wall_s": time.time() - started,
+                              "total_trial_epochs": summary.total_epochs(results)},
                              failed=best is None)
     info = summary.build_summary(plan, tracker, results, time.time() - started, best, best_dir, pending)
     summary.write_summary(info, sweep_dir)

@@ -21,6 +21,10 @@ def count_trials(results, max_epochs: int) -> dict:
     return counts
 
 
+def total_epochs(results) -> int:
+    return sum(int((r.metrics or {}).get("epoch", 0)) for r in results)
+
+
 def best_trial(results):
     """The result, epoch metrics and checkpoint of the best epoch of any trial, or None."""
     best = None
@@ -66,7 +70,7 @@ def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending
         "name": plan.name, "space": plan.space.name, "tracking_uri": redact(plan.tracking_uri),
         "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id,
         "trials": count_trials(results, max_epochs), "wall_s": round(wall_s, 2),
-        "total_trial_epochs": sum(int((r.metrics or {}).get("epoch", 0)) for r in results),
+        "total_trial_epochs": total_epochs(results),
         "best": None, "sweep_dir": plan.sweep_dir, "model": plan.space.config().model,
         "dataset": plan.dataset_label, "unlogged_mlflow_writes": len(pending),
     }

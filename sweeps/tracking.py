@@ -21,7 +21,9 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from ray.tune import Callback
 
-EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "lr", "img_per_s", "epoch_s")
+# best_val_acc (running max) ranks trials correctly in the MLflow UI, where a column shows
+# the last value and a trial may have peaked epochs before it ended.
+EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "lr", "img_per_s", "epoch_s", "best_val_acc")
 TAG_SWEEP, TAG_ROLE, TAG_TRIAL = "ftsweep.sweep", "ftsweep.role", "ftsweep.trial_id"
 SHORT = {"lr": "lr", "decay_power": "γ", "frozen_depth": "frozen", "weight_decay": "wd",
          "optimizer": "opt", "batch_size": "bs"}
@@ -173,6 +175,9 @@ class SweepTracker:
         params = {"space": space.name, "trials": plan.trials, "max_epochs": cfg.max_epochs,
                   "searched": ",".join(space.search) or "-", **{f"fixed.{k}": v for k, v in space.fixed.items()},
                   **{f"search.{k}": f"{p.type}{p.bounds()}" for k, p in space.search.items()},
+                  "seed": space.seed, "asha.grace_period": space.grace_period,
+                  "asha.reduction_factor": space.reduction_factor,
+                  "tpe.n_startup_trials": space.n_startup_trials,
                   "cpus_per_trial": plan.resources["cpu"], "gpus_per_trial": plan.resources["gpu"],
                   "classes": len(plan.data.classes), "train_images": len(plan.data.dataset.train),
                   "val_images": len(plan.data.dataset.val), "image_size": plan.data.image_size}
@@ -194,7 +199,9 @@ class SweepTracker:
         if trial_id in self.write.run_ids or any(k == trial_id for _, k, _ in self.write.queue):
             return  # a resumed or retried trial continues its own run
         number = self.trial_numbers[trial_id] = len(self.trial_numbers) + 1
-        name = f"trial-{number:03d} " + " ".join(
+        # A fixed recipe's lone trial says what it is; a sweep's trials say their settings.
+        prefix = f"{self.plan.space.name} " if not self.plan.space.search else ""
+        name = f"{prefix}trial-{number:03d} " + " ".join(
             f"{SHORT.get(k, k)}={_fmt(config[k])}" for k in self.plan.space.search if k in config)
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, TAG_SWEEP: self.plan.name, TAG_ROLE: "trial",
                 TAG_TRIAL: trial_id, "ftsweep.trial_number": str(number), "outcome": "running"}

@@ -281,15 +281,16 @@ def _build(handle: DataHandle, workers: int, skip_bad: bool) -> DataHandle:
 
 
 class Batches:
-    """Seeded mini-batches from cached uint8 images, normalised, optionally augmented."""
+    """Seeded mini-batches from cached uint8 NHWC images, normalised and optionally
+    augmented; or, with ``mean=None``, from cached float features, as they are."""
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
                  mean, std, shuffle: bool, augment_strength: float = 0.0, hflip: bool = True,
                  generator: torch.Generator | None = None):
         self.images, self.labels = images, torch.as_tensor(np.asarray(labels))
         self.batch_size, self.shuffle = batch_size, shuffle
-        self.mean = torch.tensor(mean).view(1, 3, 1, 1) * 255
-        self.std = torch.tensor(std).view(1, 3, 1, 1) * 255
+        self.mean = None if mean is None else torch.tensor(mean).view(1, 3, 1, 1) * 255
+        self.std = None if std is None else torch.tensor(std).view(1, 3, 1, 1) * 255
         self.generator = generator
         self.augment = _augmentation(images.shape[1], augment_strength, hflip)
 
@@ -301,7 +302,11 @@ class Batches:
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
         for start in range(0, n, self.batch_size):
             idx = order[start:start + self.batch_size].sort().values.numpy()  # sorted: sequential mmap reads
-            x = torch.from_numpy(np.ascontiguousarray(self.images[idx])).permute(0, 3, 1, 2)
+            x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
+            if self.mean is None:
+                yield x, self.labels[idx]
+                continue
+            x = x.permute(0, 3, 1, 2)
             if self.augment is not None:
                 x = torch.stack([self.augment(img) for img in x])
             yield (x.float() - self.mean) / self.std, self.labels[idx]

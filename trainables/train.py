@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from trainables import features
 from trainables.config import TrialConfig
 from trainables.data import Batches, DataHandle
 from trainables.models import ModelError, build_model, freeze, set_train_mode, stages
@@ -50,10 +51,16 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
 
     train_x, train_y = data.arrays("train")
     val_x, val_y = data.arrays("val")
+    mean, std, start = data.mean, data.std, 0
+    if features.applies(cfg, staged):
+        model.eval()  # the frozen prefix as training will see it
+        cached = features.prefix_features(cfg, data, staged, device)
+        if cached is not None:  # train and validate on the prefix's outputs
+            train_x, val_x, mean, std, start = cached["train"], cached["val"], None, None, cfg.frozen_depth
     gen = torch.Generator().manual_seed(cfg.seed)
-    train = Batches(train_x, train_y, cfg.batch_size, mean=data.mean, std=data.std, shuffle=True,
+    train = Batches(train_x, train_y, cfg.batch_size, mean=mean, std=std, shuffle=True,
                     augment_strength=cfg.augment_strength, hflip=cfg.hflip, generator=gen)
-    val = Batches(val_x, val_y, cfg.batch_size * 2, mean=data.mean, std=data.std, shuffle=False)
+    val = Batches(val_x, val_y, cfg.batch_size * 2, mean=mean, std=std, shuffle=False)
 
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(cfg, params)
@@ -69,7 +76,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         gen.set_state(ckpt["generator"])
         state = ckpt["state"]
 
-    step = Step(model, staged, cfg, optimizer, scheduler, device)
+    step = Step(model, staged, cfg, optimizer, scheduler, device, start)
     metrics: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
@@ -91,7 +98,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
                    "img_per_s": seen / train_s, "epoch_s": time.perf_counter() - t0,
-                   "best_val_acc": state["best_val_acc"]}
+                   "best_val_acc": state["best_val_acc"], "cached_stages": start}
         stop = cfg.patience > 0 and epoch - state["best_epoch"] >= cfg.patience
         if stop:
             metrics["early_stopped"] = 1
@@ -118,8 +125,8 @@ def make_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:
 class Step:
     """The forward/backward of one batch, with the trial's precision and penalties."""
 
-    def __init__(self, model, staged, cfg: TrialConfig, optimizer, scheduler, device):
-        self.model, self.staged, self.cfg = model, staged, cfg
+    def __init__(self, model, staged, cfg: TrialConfig, optimizer, scheduler, device, start=0):
+        self.model, self.staged, self.cfg, self.start = model, staged, cfg, start
         self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
         use_amp = device.type == "cuda" and cfg.amp
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext())
@@ -134,7 +141,8 @@ class Step:
 
     def logits(self, x, training: bool):
         with self.autocast:
-            return self.staged.forward(x, dropout=self.cfg.dropout, training=training).float()
+            feats = self.staged.forward_stages(x, start=self.start)  # start > 0: x is cached features
+            return self.staged.forward_head(feats, self.cfg.dropout, training).float()
 
     def train_epoch(self, batches) -> tuple[float, int]:
         total, seen = 0.0, 0
