@@ -28,10 +28,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port
 from mlflow.tracking import MlflowClient
 
 from sweeps.submit import EXCLUDES
+
+from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
@@ -233,3 +234,29 @@ def test_submit_with_a_wrong_token_exits_2_naming_its_source(ray_cluster, tmp_pa
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "rejected the token from RAY_AUTH_TOKEN" in proc.stderr
+
+
+def _submit(cluster: Cluster, *own: str, data: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [*SUBMIT, "--address", cluster.url, *own, "--", "--space", "smoke", "--data", data,
+         "--storage", str(cwd / "shared"), "--tracking-uri", "http://127.0.0.1:5000"],
+        cwd=cwd, env=cluster.env, capture_output=True, text=True, timeout=300)
+
+
+def test_a_sweep_failing_on_the_cluster_exits_1_and_no_wait_returns_the_job_id(ray_cluster, tmp_path):
+    # An absolute path passes submit.py's checks; the cluster has no such folder.
+    proc = _submit(ray_cluster, data="/nonexistent/ftsweep-data", cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "data folder not found: /nonexistent/ftsweep-data" in proc.stdout  # run.py's own message
+    assert "FAILED (run.py exit status 2)" in proc.stderr
+
+    proc = _submit(ray_cluster, "--no-wait", data="/nonexistent/ftsweep-data", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    job_id = proc.stdout.strip()
+    assert f"ray job stop --address {ray_cluster.url} {job_id}" in proc.stderr
+    token = Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text()
+    deadline = time.monotonic() + 120
+    while (status := _get(f"{ray_cluster.url}/api/jobs/{job_id}", token)["status"]) not in (
+            "SUCCEEDED", "FAILED", "STOPPED") and time.monotonic() < deadline:
+        time.sleep(1)
+    assert status == "FAILED"

@@ -10,10 +10,11 @@ import sys
 import zipfile
 
 import pytest
-from conftest import ROOT, free_port
 
 from sweeps import submit
 from sweeps.submit import EXCLUDES, SubmitError, check_run_args, runtime_env
+
+from conftest import ROOT, free_port
 
 SUBMIT = [sys.executable, str(ROOT / "sweeps" / "submit.py")]
 GOOD = ["--space", "smoke", "--storage", "/shared/sweeps", "--tracking-uri", "http://mlflow:5000"]

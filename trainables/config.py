@@ -40,6 +40,7 @@ class TrialConfig:
     feature_cache: bool = True  # reuse the frozen prefix's outputs when nothing random precedes them
     amp: bool = True  # mixed precision on CUDA
     channels_last: bool = True  # on CUDA
+    pin_memory: bool = True  # on CUDA: page-locked batches, copied without blocking
     seed: int = 0
 
     @classmethod

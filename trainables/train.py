@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from trainables import data as data_module
 from trainables import features
 from trainables.config import TrialConfig
 from trainables.data import Batches, DataHandle
@@ -77,6 +78,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         state = ckpt["state"]
 
     step = Step(model, staged, cfg, optimizer, scheduler, device, start)
+    decodes_before = data_module.DECODE_COUNT
     metrics: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.max_epochs + 1):
         t0 = time.perf_counter()
@@ -98,7 +100,10 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
                    "img_per_s": seen / train_s, "epoch_s": time.perf_counter() - t0,
-                   "best_val_acc": state["best_val_acc"], "cached_stages": start}
+                   "best_val_acc": state["best_val_acc"], "cached_stages": start,
+                   # for benchmarks: when training began, and images decoded inside this trial
+                   "first_step_time": step.first_step_time,
+                   "decodes_in_trial": data_module.DECODE_COUNT - decodes_before}
         stop = cfg.patience > 0 and epoch - state["best_epoch"] >= cfg.patience
         if stop:
             metrics["early_stopped"] = 1
@@ -130,10 +135,13 @@ class Step:
         self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
         use_amp = device.type == "cuda" and cfg.amp
         self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext())
+        self.first_step_time = 0.0  # wall clock of the first optimizer step
         self.penalised = [p for n, p in model.named_parameters()
                           if p.requires_grad and p.ndim > 1] if cfg.l1 > 0 else []
 
     def to_device(self, x, y):
+        if self.device.type == "cuda" and self.cfg.pin_memory:
+            x, y = x.pin_memory(), y.pin_memory()
         x = x.to(self.device, non_blocking=True)
         if self.device.type == "cuda" and self.cfg.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
@@ -160,6 +168,7 @@ class Step:
             loss.backward()
             self.optimizer.step()
             self.scheduler.step()
+            self.first_step_time = self.first_step_time or time.time()
             total += value * len(y)
             seen += len(y)
         return total / max(seen, 1), seen
