@@ -9,10 +9,10 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from sweeps.progress import LiveStatus
 from trainables.ray_trial import trainable
 
 METRIC, MODE = "val_acc", "max"
-COLUMNS = {"epoch": "epoch", "val_acc": "val_acc", "val_loss": "val_loss", "img_per_s": "img/s"}
 
 
 def param_space(space) -> dict:
@@ -56,8 +56,7 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-        progress_reporter=tune.CLIReporter(metric_columns=COLUMNS, max_report_frequency=10,
-                                           parameter_columns=list(space.search)),
+        progress_reporter=LiveStatus(max_t, plan.trials),
         verbose=1)
     trainable_ = tune.with_resources(tune.with_parameters(trainable_fn or trainable, data=plan.data),
                                      plan.resources)

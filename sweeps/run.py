@@ -15,6 +15,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from sweeps.cli import build_parser  # noqa: E402
 from sweeps.plan import UsageError, prepare  # noqa: E402
+from sweeps.tracking import fmt  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,8 +75,9 @@ def _print_end(info: dict, tracker, pending: list) -> None:
           f"{t['errored']} errored in {info['wall_s']:.0f} s")
     best = info["best"]
     if best:
-        searched = {k: best["config"][k] for k in tracker.plan.space.search}
-        print(f"Best: val_acc {best['val_acc']:.4f} at epoch {best['epoch']} with {searched}")
+        searched = ", ".join(f"{k}={fmt(best['config'][k])}" for k in tracker.plan.space.search)
+        print(f"Best: val_acc {best['val_acc']:.4f} at epoch {best['epoch']}"
+              f"{' with ' + searched if searched else ''}")
         print(f"Best checkpoint: {best['checkpoint']} (MLflow run {info['parent_run_id']}, best/)")
     else:
         print("No trial produced a result.")

@@ -202,7 +202,7 @@ class SweepTracker:
         # A fixed recipe's lone trial says what it is; a sweep's trials say their settings.
         prefix = f"{self.plan.space.name} " if not self.plan.space.search else ""
         name = f"{prefix}trial-{number:03d} " + " ".join(
-            f"{SHORT.get(k, k)}={_fmt(config[k])}" for k in self.plan.space.search if k in config)
+            f"{SHORT.get(k, k)}={fmt(config[k])}" for k in self.plan.space.search if k in config)
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, TAG_SWEEP: self.plan.name, TAG_ROLE: "trial",
                 TAG_TRIAL: trial_id, "ftsweep.trial_number": str(number), "outcome": "running"}
         self.write("create", trial_id, experiment_id=self.experiment_id, run_name=name.strip(), tags=tags)
@@ -276,7 +276,7 @@ def outcome_of(last_result: dict, errored: bool, max_epochs: int) -> str:
     return "completed"
 
 
-def _fmt(value) -> str:
+def fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 

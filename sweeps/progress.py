@@ -1,0 +1,70 @@
+"""A live status line for a sweep, refreshed in place instead of Tune's tables."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from ray.tune import ProgressReporter
+
+from sweeps.tracking import outcome_of
+
+METRIC = "val_acc"
+
+
+def counts(trials, max_epochs: int) -> dict[str, int]:
+    """Trials by state: pending, running, and the three outcomes of a finished trial."""
+    out = {"pending": 0, "running": 0, "completed": 0, "stopped_early": 0, "errored": 0}
+    for t in trials:
+        if t.status in ("PENDING", "PAUSED"):
+            out["pending"] += 1
+        elif t.status == "RUNNING":
+            out["running"] += 1
+        else:
+            out[outcome_of(t.last_result or {}, t.status == "ERROR", max_epochs)] += 1
+    return out
+
+
+def best(trials) -> tuple[float, str, int] | None:
+    scored = [(t.metric_analysis[METRIC]["max"], t) for t in trials if METRIC in t.metric_analysis]
+    if not scored:
+        return None
+    value, trial = max(scored, key=lambda s: s[0])
+    return value, trial.trial_id, int(trial.last_result.get("epoch", 0))
+
+
+def status_line(trials, max_epochs: int, total: int, elapsed: float) -> str:
+    c = counts(trials, max_epochs)
+    found = best(trials)
+    best_text = (f"best val_acc {found[0]:.4f} (trial {found[1]})" if found else "best val_acc -")
+    return (f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {len(trials)}/{total} trials: "
+            f"{c['running']} running, {c['pending']} pending, {c['completed']} completed, "
+            f"{c['stopped_early']} stopped early, {c['errored']} errored | {best_text}")
+
+
+class LiveStatus(ProgressReporter):
+    """One line rewritten in place on a terminal; in a log (not a TTY), a line only when
+    the counts change, so a 50-trial sweep writes tens of lines, not thousands."""
+
+    def __init__(self, max_epochs: int, total: int, stream=None):
+        self.max_epochs, self.total = max_epochs, total
+        self.stream = stream or sys.stdout
+        self.tty = self.stream.isatty()
+        self.start = time.time()
+        self.last_line, self.last_report = "", 0.0
+
+    def setup(self, start_time=None, total_samples=None, metric=None, mode=None, **kwargs):
+        self.start = start_time or self.start
+
+    def should_report(self, trials, done: bool = False) -> bool:
+        return done or time.time() - self.last_report >= (0.5 if self.tty else 1.0)
+
+    def report(self, trials, done: bool, *sys_info) -> None:
+        self.last_report = time.time()
+        line = status_line(trials, self.max_epochs, self.total, self.last_report - self.start)
+        if self.tty:
+            self.stream.write("\r\x1b[K" + line + ("\n" if done else ""))
+        elif line.split("] ", 1)[1] != self.last_line.split("] ", 1)[-1]:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self.last_line = line
