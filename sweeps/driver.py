@@ -30,7 +30,9 @@ def _distribution(p):
     return tune.choice(list(p.values))
 
 
-def search_algorithm(space, max_concurrent: int | None):
+def search_algorithm(space, max_concurrent: int | None, warm_start=None):
+    """Seeded TPE; ``warm_start`` (sweeps/warm_start.py) gives it an earlier sweep's trials
+    as completed ones, in its study before the first new trial is sampled."""
     if not space.search:
         return None  # a fixed recipe: nothing to search
     import optuna
@@ -40,7 +42,9 @@ def search_algorithm(space, max_concurrent: int | None):
     # spread out instead of piling onto the same point.
     sampler = optuna.samplers.TPESampler(seed=space.seed, multivariate=True, constant_liar=True,
                                          n_startup_trials=space.n_startup_trials)
-    search = OptunaSearch(sampler=sampler, metric=METRIC, mode=MODE)
+    earlier = warm_start.points if warm_start and warm_start.points else None
+    search = OptunaSearch(sampler=sampler, metric=METRIC, mode=MODE, points_to_evaluate=earlier,
+                          evaluated_rewards=warm_start.rewards if earlier else None)
     return ConcurrencyLimiter(search, max_concurrent) if max_concurrent else search
 
 
@@ -65,7 +69,7 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
                                   param_space=param_space(space))
     tune_config = tune.TuneConfig(
         metric=METRIC, mode=MODE, num_samples=plan.trials, scheduler=scheduler,
-        search_alg=search_algorithm(space, plan.max_concurrent),
+        search_alg=search_algorithm(space, plan.max_concurrent, plan.warm_start),
         max_concurrent_trials=None if space.search else plan.max_concurrent,
         reuse_actors=True, time_budget_s=plan.time_budget,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
@@ -83,6 +87,8 @@ def _exists(plan) -> bool:
 
 def init_ray(address: str | None) -> None:
     """Join ``address`` (inside a Ray job, $RAY_ADDRESS) or start Ray on this machine."""
+    if ray.is_initialized():
+        return
     # The table of trials is the progress display; Tune's per-result boxes and snapshot
     # warnings drown it. Worker logs stay in Ray's session folder.
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")

@@ -13,6 +13,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sweeps import storage  # noqa: E402
 from sweeps.cli import build_parser  # noqa: E402
 from sweeps.plan import UsageError, prepare  # noqa: E402
 from sweeps.tracking import fmt  # noqa: E402
@@ -23,12 +24,25 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         plan = prepare(args)
+        check_cluster(plan)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     info = execute(plan, started)
-    print(Path(plan.sweep_dir) / "sweep_summary.json")
+    print(storage.join(plan.sweep_dir, "sweep_summary.json"))
     return 0 if info["best"] is not None else 1
+
+
+def check_cluster(plan) -> None:
+    """Join Ray now, and on a cluster stop before anything is logged when a node cannot
+    see the storage folder or the trials' inputs."""
+    from sweeps import driver
+
+    driver.init_ray(plan.ray_address)
+    try:
+        storage.require_shared(plan.storage, storage.trial_inputs(plan))
+    except storage.NotShared as e:
+        raise UsageError(str(e)) from None
 
 
 def execute(plan, started: float | None = None, trainable=None) -> dict:
@@ -37,8 +51,8 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
     from sweeps.tracking import MlflowTrials, SweepTracker
 
     started = started or time.time()
-    sweep_dir = Path(plan.sweep_dir)
-    sweep_dir.mkdir(parents=True, exist_ok=True)
+    folder = storage.SweepFolder(plan.sweep_dir)  # for a URI: a local folder, published at the end
+    sweep_dir = folder.local
     tracker = SweepTracker(plan, spool_dir=sweep_dir)
     print(f"Sweep {plan.name}: space {plan.space.name}, {plan.trials} trials, "
           f"{len(plan.data.dataset)} images in {len(plan.data.classes)} classes; "
@@ -64,7 +78,10 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
                               "total_trial_epochs": summary.total_epochs(results)},
                              failed=best is None)
     info = summary.build_summary(plan, tracker, results, time.time() - started, best, best_dir, pending)
+    if folder.remote and info["best"]:
+        info["best"]["checkpoint"] = folder.location("best", "model.pt")
     summary.write_summary(info, sweep_dir)
+    folder.publish()
     _print_end(info, tracker, pending)
     return info
 

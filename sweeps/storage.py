@@ -145,19 +145,25 @@ def require_shared(storage: str, inputs: Mapping[str, str]) -> None:
         "on such a folder too.")
 
 
-def unseen_by_nodes(paths: Sequence[str]) -> dict[str, list[str]]:
+def unseen_by_nodes(paths: Sequence[str], timeout: float = 120) -> dict[str, list[str]]:
     """Run a zero-CPU task on every alive node of the connected Ray cluster; for each node
-    that cannot see some of ``paths``, ``"<ip> (<node id>)"`` -> those paths."""
+    that cannot see some of ``paths`` (or does not answer in time, then all of them),
+    ``"<ip> (<node id>)"`` -> those paths."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     missing_here = ray.remote(num_cpus=0)(_missing)
-    nodes = [n for n in ray.nodes() if n["Alive"]]
-    pending = {f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})": missing_here.options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(list(paths))
-        for n in nodes}
-    answers = ray.get(list(pending.values()))
-    return {node: missing for node, missing in zip(pending, answers, strict=True) if missing}
+    pending = {}  # the task's result -> the node it ran on
+    for node in (n for n in ray.nodes() if n["Alive"]):
+        pinned = NodeAffinitySchedulingStrategy(node["NodeID"], soft=False)
+        ref = missing_here.options(scheduling_strategy=pinned).remote(list(paths))
+        pending[ref] = f"{node['NodeManagerAddress']} ({node['NodeID'][:8]})"
+    answered, _ = ray.wait(list(pending), num_returns=len(pending), timeout=timeout)
+    unseen = {pending[ref]: list(paths) for ref in pending if ref not in answered}
+    for ref in answered:
+        if missing := ray.get(ref):
+            unseen[pending[ref]] = missing
+    return unseen
 
 
 def _missing(paths: Sequence[str]) -> list[str]:

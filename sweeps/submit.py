@@ -41,9 +41,19 @@ class SubmitError(Exception):
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sweeps/submit.py", usage="%(prog)s --address URL [options] -- RUN_ARGS...",
-        description="Run sweeps/run.py RUN_ARGS on a Ray cluster as a Ray Job and follow it.",
-        epilog="Token authentication: the token is read where Ray's own CLI reads it: "
-               f"{TOKEN_PLACES}. On the head node, `ray get-auth-token` prints it.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run `python sweeps/run.py RUN_ARGS` on a Ray cluster as a Ray Job, shipping "
+                    "this project\nas its working directory, and follow its log.",
+        epilog=f"""example:
+  python sweeps/submit.py --address http://HEAD:8265 --env FTSWEEP_CACHE=/local/ftsweep -- \\
+      --space lr_decay --data /shared/data/flowers --storage /shared/sweeps \\
+      --tracking-uri http://mlflow:5000
+
+exit status: 0 the job succeeded, 1 it failed or was stopped, 2 it was not submitted.
+token authentication: the token is read where Ray's own CLI reads it:
+  {TOKEN_PLACES}.
+  On the head node, `ray get-auth-token` prints it.
+""")
     p.add_argument("--address", default=os.environ.get("RAY_API_SERVER_ADDRESS"), metavar="URL",
                    help="the cluster's dashboard, e.g. http://HEAD:8265 (default $RAY_API_SERVER_ADDRESS)")
     p.add_argument("--wait", action=argparse.BooleanOptionalAction, default=True,
@@ -60,10 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def split_argv(argv: list[str]) -> tuple[list[str], list[str]]:
+def split_argv(argv: list[str]) -> tuple[list[str], list[str] | None]:
+    """submit.py's own arguments and run.py's (None when there is no ``--``)."""
     if "--" not in argv:
-        raise SubmitError("put the sweeps/run.py arguments after --, e.g. "
-                          "sweeps/submit.py --address http://HEAD:8265 -- --space lr_decay ...")
+        return argv, None
     i = argv.index("--")
     return argv[:i], argv[i + 1:]
 
@@ -164,12 +174,13 @@ def auth_headers() -> tuple[dict, str | None]:
 
 
 def connect(address: str):
+    """A Jobs client for the dashboard at ``address``, and where its token came from."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
     headers, source = auth_headers()
     try:
-        return JobSubmissionClient(address, headers=headers)
+        return JobSubmissionClient(address, headers=headers), source
     except AuthenticationError:
         raise SubmitError(_auth_message(address, source)) from None
     except ConnectionError:
@@ -207,27 +218,34 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         own, run_args = split_argv(argv)
+        if run_args is None:
+            build_parser().parse_known_args(own)  # --help still works
+            raise SubmitError("put the sweeps/run.py arguments after --, e.g. "
+                              "sweeps/submit.py --address http://HEAD:8265 -- --space lr_decay ...")
         opts = build_parser().parse_args(own)
         if not opts.address:
             raise SubmitError("--address is required (the dashboard, e.g. http://HEAD:8265)")
         check_run_args(run_args)
         env = runtime_env(opts.env, opts.pip)
-        client = connect(opts.address)
+        client, token_source = connect(opts.address)
         entrypoint = shlex.join(["python", "sweeps/run.py", *run_args])
         job_id = _submit(client, opts, entrypoint, env)
     except SubmitError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    # Ray's CLI sends the token only when RAY_AUTH_MODE=token is set.
+    ray_cli = "RAY_AUTH_MODE=token ray job" if token_source else "ray job"
     hint = f"--address {opts.address} {job_id}"
     print(f"[submit] job {job_id} on {opts.address}: {entrypoint}", file=sys.stderr)
     if not opts.wait:
-        print(f"[submit] follow: ray job logs -f {hint}   stop: ray job stop {hint}", file=sys.stderr)
+        print(f"[submit] follow: {ray_cli} logs -f {hint}\n[submit] stop: {ray_cli} stop {hint}",
+              file=sys.stderr)
         print(job_id)
         return 0
     try:
         status = follow(client, job_id)
     except KeyboardInterrupt:
-        print(f"\n[submit] stopped following; the job goes on. Stop it: ray job stop {hint}",
+        print(f"\n[submit] stopped following; the job goes on. Stop it: {ray_cli} stop {hint}",
               file=sys.stderr)
         return 130
     exit_code = client.get_job_info(job_id).driver_exit_code

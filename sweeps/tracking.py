@@ -22,8 +22,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from ray.tune import Callback
 
 # best_val_acc (running max) ranks trials correctly in the MLflow UI, where a column shows
-# the last value and a trial may have peaked epochs before it ended.
-EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "lr", "img_per_s", "epoch_s", "best_val_acc")
+# the last value and a trial may have peaked epochs before it ended. sparsity and
+# nonzero_params say how big the model of that epoch is (trainables/prune.py).
+EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "lr", "img_per_s", "epoch_s", "best_val_acc",
+                 "sparsity", "nonzero_params")
 TAG_SWEEP, TAG_ROLE, TAG_TRIAL = "ftsweep.sweep", "ftsweep.role", "ftsweep.trial_id"
 SHORT = {"lr": "lr", "decay_power": "γ", "frozen_depth": "frozen", "weight_decay": "wd",
          "optimizer": "opt", "batch_size": "bs"}
@@ -137,7 +139,9 @@ class SweepTracker:
         self.plan = plan
         self.client = MlflowClient(plan.tracking_uri)
         exp = self.client.get_experiment_by_name(plan.experiment)
-        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(plan.experiment)
+        # The kind tag opens the experiment in the UI's training-runs view, not the GenAI one.
+        self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
+            plan.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
         spool = spool_dir / "mlflow_pending.jsonl" if spool_dir else None
         self.write = Writer(self.client, spool)
         self.trial_numbers: dict[str, int] = {}

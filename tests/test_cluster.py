@@ -61,6 +61,7 @@ def ray_cluster():
     try:
         # Fixed ports elsewhere default to values another Ray on this machine may hold
         # (the agent's 52365, the client server's 10001), so every node gets free ones.
+        # (Ray swaps the head's 127.0.0.1 for this machine's address as its node IP.)
         _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard,
                     "--ray-client-server-port", free_port(), "--dashboard-agent-listen-port", free_port(),
@@ -74,7 +75,7 @@ def ray_cluster():
     finally:
         left = _stop(sessions, root)
         assert not left, f"processes of the test's Ray cluster still running: {left}"
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(root, ignore_errors=True)  # kept (with the nodes' logs) when the check fails
 
 
 def _ray_start(args: list, env: dict, log: Path, sessions: list[int]) -> None:
@@ -236,21 +237,23 @@ def test_submit_with_a_wrong_token_exits_2_naming_its_source(ray_cluster, tmp_pa
     assert "rejected the token from RAY_AUTH_TOKEN" in proc.stderr
 
 
-def _submit(cluster: Cluster, *own: str, data: str, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [*SUBMIT, "--address", cluster.url, *own, "--", "--space", "smoke", "--data", data,
-         "--storage", str(cwd / "shared"), "--tracking-uri", "http://127.0.0.1:5000"],
+def _submit_unreachable_mlflow(cluster: Cluster, *own: str, cwd: Path):
+    """A sweep that submit.py accepts but run.py refuses on the cluster: nobody serves MLflow there."""
+    tracking = f"http://127.0.0.1:{free_port()}"
+    proc = subprocess.run(
+        [*SUBMIT, "--address", cluster.url, *own, "--", "--space", "smoke",
+         "--storage", str(cwd / "shared"), "--tracking-uri", tracking],
         cwd=cwd, env=cluster.env, capture_output=True, text=True, timeout=300)
+    return proc, tracking
 
 
 def test_a_sweep_failing_on_the_cluster_exits_1_and_no_wait_returns_the_job_id(ray_cluster, tmp_path):
-    # An absolute path passes submit.py's checks; the cluster has no such folder.
-    proc = _submit(ray_cluster, data="/nonexistent/ftsweep-data", cwd=tmp_path)
+    proc, tracking = _submit_unreachable_mlflow(ray_cluster, cwd=tmp_path)
     assert proc.returncode == 1, proc.stderr[-3000:]
-    assert "data folder not found: /nonexistent/ftsweep-data" in proc.stdout  # run.py's own message
+    assert f"MLflow tracking server {tracking} is unreachable" in proc.stdout  # run.py's message, streamed
     assert "FAILED (run.py exit status 2)" in proc.stderr
 
-    proc = _submit(ray_cluster, "--no-wait", data="/nonexistent/ftsweep-data", cwd=tmp_path)
+    proc, _ = _submit_unreachable_mlflow(ray_cluster, "--no-wait", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     job_id = proc.stdout.strip()
     assert f"ray job stop --address {ray_cluster.url} {job_id}" in proc.stderr
