@@ -77,6 +77,16 @@ def test_child_runs_carry_config_metric_history_and_outcome(sweep):
             assert len(client.get_metric_history(run.info.run_id, key)) == len(steps)
 
 
+def test_checkpoints_on_disk_are_bounded(sweep):
+    summary, _, cwd = sweep
+    trial_dirs = list((cwd / "results" / "itest").glob("trial_*"))
+    assert len(trial_dirs) == TRIALS
+    for trial_dir in trial_dirs:  # the latest and the best, at most
+        assert 1 <= len(list(trial_dir.glob("checkpoint_*"))) <= 2
+    assert summary["checkpoint_bytes"] == sum(
+        f.stat().st_size for d in trial_dirs for f in d.glob("checkpoint_*/**/*") if f.is_file())
+
+
 def test_best_checkpoint_loads_and_reproduces_its_val_acc(sweep, tmp_path):
     summary, client, _ = sweep
     local = Path(mlflow.artifacts.download_artifacts(
