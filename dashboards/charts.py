@@ -14,6 +14,7 @@ from dashboards.svg import Bands, Figure, Scale, fmt, padded
 OUTCOME_COLOURS = {"completed": "#2563eb", "stopped_early": "#f59e0b", "errored": "#dc2626",
                    "running": "#6b7280"}
 BEST, SEED = "#047857", "#7c3aed"
+PRUNED, DENSE = "#2563eb", "#9ca3af"
 # viridis without its palest yellow, which vanishes on white
 RAMP = ["#440154", "#414487", "#2a788e", "#22a884", "#7ad151", "#bddf26"]
 WIDE = 1080
@@ -252,3 +253,25 @@ def comparison_curves(sweep: Sweep, by: str) -> str:
             f.el("circle", cx=round(x, 1), cy=round(y, 1), r=3, fill=colour)
     return f.render(data_chart=f"compare-{by}")
 
+
+def size_scatter(sweep: Sweep, sizes: pd.DataFrame, pick: dict, floor: float) -> str:
+    """Every (trial, epoch) model: val_acc against nonzero parameters; the dashed line is
+    the lowest val_acc allowed, and the smallest model above it is ringed."""
+    f = Figure(WIDE, 340, label="val_acc against nonzero parameters, one dot per trial and epoch")
+    most = sizes["nonzero_params"].max()
+    unit, name = next((u, n) for u, n in ((1e6, "millions"), (1e3, "thousands"), (1, "")) if most >= u)
+    xs = Scale(0, most / unit * 1.04, f.x0, f.x1 - 8)
+    ys = acc_scale(sweep, f.y0, f.y1)
+    f.axes(xs, ys, f"nonzero parameters{f' ({name})' if name else ''}", "val_acc")
+    f.line(f.x0, ys(floor), f.x1, ys(floor), stroke=BEST, stroke_dasharray="6 4")
+    for r in sizes.sort_values("sparsity").itertuples():
+        chosen = r.trial == pick["trial"] and r.epoch == pick["epoch"]
+        f.el("circle", cx=xs(r.nonzero_params / unit), cy=ys(r.val_acc), r=6.5 if chosen else 4,
+             fill=PRUNED if r.sparsity > 0 else DENSE, class_="dot best" if chosen else "dot",
+             data_trial=r.trial, title=f"trial {r.trial}, epoch {r.epoch}: val_acc {r.val_acc:.4f}, "
+                                       f"{r.nonzero_params:,} nonzero parameters, sparsity {r.sparsity:.1%}")
+    x, y = xs(pick["nonzero_params"] / unit), ys(pick["val_acc"])
+    left = x > (f.x0 + f.x1) / 2  # keep the label inside the chart
+    f.text(x - 10 if left else x + 10, y - 8, f"smallest within reach: trial {pick['trial']}",
+           class_="callout", text_anchor="end" if left else None)
+    return f.render(data_chart="sizes")

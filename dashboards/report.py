@@ -1,7 +1,8 @@
 """A sweep's report: ``python dashboards/report.py --sweep NAME_OR_PARENT_RUN_ID --out report.html``.
 
 Reads the sweep from MLflow (``dashboards/frame.py``), writes one self-contained HTML
-file (learning curves, hyperparameters against val_acc, importance, a timeline, the seed
+file (learning curves, hyperparameters against val_acc, importance, for a sweep that
+pruned the smallest model within ``--max-acc-drop`` of the best, a timeline, the seed
 recipe for comparison, the sortable trial table), the table as CSV and Parquet next to
 it, and logs all three to the sweep's parent run under ``report/``.
 """
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where to write the report; the trial table goes next to it as .csv and "
                         ".parquet (default <sweep>-report.html)")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
+    p.add_argument("--max-acc-drop", type=float, default=0.01, metavar="F",
+                   help="for a sweep that pruned: name the model with the fewest nonzero parameters whose "
+                        "val_acc is at most F below the best (default 0.01)")
     return p
 
 
@@ -52,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"{sweep.name}-report.html")
-    paths = write_report(sweep, out)
+    paths = write_report(sweep, out, model_sizes(client, sweep), args.max_acc_drop)
     for path in paths:
         print(path)
     if not args.no_log:
@@ -62,23 +66,25 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write_report(sweep: Sweep, out: Path) -> list[Path]:
+def write_report(sweep: Sweep, out: Path, sizes: pd.DataFrame | None = None,
+                 max_acc_drop: float = 0.01) -> list[Path]:
     """The HTML report, then the trial table as CSV and Parquet beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_html(sweep), encoding="utf-8")
+    out.write_text(build_html(sweep, sizes, max_acc_drop), encoding="utf-8")
     csv, parquet = out.with_suffix(".csv"), out.with_suffix(".parquet")
     sweep.trials.to_csv(csv, index=False)
     sweep.trials.to_parquet(parquet, index=False)
     return [out, csv, parquet]
 
 
-def build_html(sweep: Sweep) -> str:
+def build_html(sweep: Sweep, sizes: pd.DataFrame | None = None, max_acc_drop: float = 0.01) -> str:
     parts = [header(sweep)]
     if sweep.trials.empty:
         parts.append(note("This sweep has no trials in MLflow yet."))
     else:
         parts += [curves_section(sweep), params_section(sweep), importance_section(sweep),
-                  timeline_section(sweep), seed_section(sweep), table_section(sweep)]
+                  size_section(sweep, sizes, max_acc_drop), timeline_section(sweep), seed_section(sweep),
+                  table_section(sweep)]
     made = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(f"<footer>Made by dashboards/report.py on {made} from MLflow run "
                  f"<code>{esc(sweep.parent.info.run_id)}</code>.</footer>")
@@ -162,6 +168,44 @@ def importance_section(sweep: Sweep) -> str:
     scores, why = param_importances(sweep.trials, sweep.searched)
     body = charts.importance_bars(scores) if scores else ""
     return section("importance", "Hyperparameter importance", esc(why), body)
+
+
+def model_sizes(client, sweep: Sweep) -> pd.DataFrame | None:
+    """Every epoch of every trial as a model: trial, epoch, val_acc, nonzero_params,
+    sparsity. None unless some trial pruned: without pruning there is no size to trade."""
+    t = sweep.trials
+    if "final_sparsity" not in t or not (t["final_sparsity"] > 0).any():
+        return None
+    rows = []
+    for trial, run_id in zip(t["trial"], t["run_id"], strict=True):
+        size = {m.step: m.value for m in client.get_metric_history(run_id, "nonzero_params")}
+        zeros = {m.step: m.value for m in client.get_metric_history(run_id, "sparsity")}
+        curve = sweep.curves[sweep.curves["trial"] == trial]
+        rows += [{"trial": trial, "epoch": int(e), "val_acc": float(v), "nonzero_params": int(size[e]),
+                  "sparsity": zeros.get(e, 0.0)}
+                 for e, v in zip(curve["epoch"], curve["val_acc"], strict=True) if e in size]
+    return pd.DataFrame(rows)
+
+
+def size_section(sweep: Sweep, sizes: pd.DataFrame | None, drop: float) -> str:
+    if sizes is None or sizes.empty:
+        return ""
+    from sweeps.summary import smallest_within_drop  # the rule sweep_summary.json uses; imports torch
+
+    models = sizes.to_dict("records")
+    pick, best = smallest_within_drop(models, drop), smallest_within_drop(models, 0.0)
+    share = pick["nonzero_params"] / best["nonzero_params"]
+    return section("size", f"Smallest model within {fmt(drop)} of the best",
+                   f"Every epoch of every trial is a model: its val_acc against its nonzero parameters, "
+                   f"counted over the whole model (frozen layers too). "
+                   f"The smallest whose val_acc is at least {best['val_acc']:.4f} − {fmt(drop)} is "
+                   f"<b>trial {pick['trial']} at epoch {pick['epoch']}</b>: val_acc {pick['val_acc']:.4f} "
+                   f"with {pick['nonzero_params']:,} nonzero parameters, {share:.0%} of the best model's "
+                   f"{best['nonzero_params']:,} (trial {best['trial']}, epoch {best['epoch']}); "
+                   f"{pick['sparsity']:.0%} of its prunable weights are zero.",
+                   legend([("pruned", charts.PRUNED, False), ("dense", charts.DENSE, False),
+                           (f"best − {fmt(drop)}", charts.BEST, True)]),
+                   charts.size_scatter(sweep, sizes, pick, best["val_acc"] - drop))
 
 
 def timeline_section(sweep: Sweep) -> str:

@@ -12,6 +12,8 @@ EPILOG = """examples:
   python sweeps/run.py --space lr_decay --data ~/flowers --model resnet50 --gpus-per-trial 0.25
   python sweeps/run.py --space smoke --set batch_size=16 --trials 2
   python sweeps/run.py --space lr_decay --name nightly --resume   # continue a killed sweep
+  python sweeps/run.py --space lr_decay --warm-start nightly      # TPE starts from nightly's trials
+  python sweeps/run.py --space pruning --max-acc-drop 0.02        # smallest model within 0.02 of the best
 """
 
 
@@ -42,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="images are resized and centre-cropped to N x N (default 224; demo 32)")
     what.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="fix a trial config value of the space, e.g. --set batch_size=64 (repeatable)")
+    what.add_argument("--warm-start", metavar="SWEEP|RUN_ID",
+                      help="give TPE the finished trials of an earlier sweep (its name or parent run id, "
+                           "read from --tracking-uri) before it samples; they are not run again")
 
     budget = p.add_argument_group("budget and resources")
     budget.add_argument("--trials", type=int, metavar="N", help="number of trials (default: the space's)")
@@ -68,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="Ray Tune results and checkpoints: a folder, shared path or s3:// / gs:// "
                             "URI (default ./sweep_results)")
     where.add_argument("--name", metavar="SWEEP", help="sweep name (default <space>-<date>-<time>)")
+    where.add_argument("--max-acc-drop", type=float, metavar="F",
+                       help="name in sweep_summary.json the model with the fewest nonzero parameters whose "
+                            "val_acc is at most F below the best (default 0.01 when the space prunes)")
     where.add_argument("--resume", action="store_true",
                        help="continue the sweep --name (default: the newest sweep of --space) where it stopped")
     where.add_argument("--ray-address", metavar="ADDR",

@@ -50,7 +50,7 @@ def search_algorithm(space, max_concurrent: int | None, warm_start=None):
 
 def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
     space = plan.space
-    max_t = space.config().total_epochs
+    max_t = plan.total_epochs
     scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
                               grace_period=min(space.grace_period, max_t),
                               reduction_factor=space.reduction_factor)

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from search_spaces.loader import Space, SpaceError, load_space
 from sweeps.cli import parse_sets
+from sweeps.warm_start import WarmStart, earlier_trials
 from trainables import demo
 from trainables.data import DataError, DataHandle, scan
 from trainables.models import ModelError, build_model, check_model_name, normalization, num_stages
@@ -39,10 +40,21 @@ class Plan:
     max_failures: int
     resume: bool
     ray_address: str | None
+    warm_start: WarmStart | None = None  # an earlier sweep's trials, for TPE's history
+    max_acc_drop: float | None = None  # name the smallest model within this of the best val_acc
 
     @property
     def sweep_dir(self) -> str:
         return f"{self.storage.rstrip('/')}/{self.name}"
+
+    @property
+    def total_epochs(self) -> int:
+        """The most epochs a trial can run, ASHA's max_t: a searched max_epochs,
+        recovery_epochs or prune_amount counts at its largest value, not its default."""
+        longest = {k: max(p.values) if p.type == "choice" else p.high
+                   for k, p in self.space.search.items()
+                   if k in ("max_epochs", "recovery_epochs", "prune_amount")}
+        return self.space.config(longest).total_epochs
 
     @property
     def is_local(self) -> bool:
@@ -73,6 +85,8 @@ def _prepare(args, log) -> Plan:
     if args.seed is not None:
         space = replace(space, seed=args.seed)
     _check_frozen_depth(space, model)
+    _check_pruning(space)
+    max_acc_drop = _max_acc_drop(args, space)
     _check_resources(args)
     check_tracking_uri(args.tracking_uri)
 
@@ -83,9 +97,11 @@ def _prepare(args, log) -> Plan:
     mean, std = normalization(model, weights if weights == "imagenet" else "none")
     if weights == "demo":
         weights = str(demo.pretrained_backbone(model, cfg.image_size, log=log))
-    # Fail now, not in every trial, when the weights are missing or do not fit the model.
-    build_model(model, len(dataset.classes), weights)
+    # Fail now, not in every trial, when the weights are missing or do not fit the model,
+    # or the model does not take this image size (ViT's patch grid is fixed).
+    _check_input_size(build_model(model, len(dataset.classes), weights), model, cfg.image_size)
     space = space.override(weights=weights)
+    start = _warm_start(args, space, dataset.fingerprint, log) if args.warm_start else None
 
     # Decoding is the validation pass: every image is read once, here, before anything starts.
     data = DataHandle(dataset, cfg.image_size, str(demo.cache_root() / "decoded"), mean, std)
@@ -102,7 +118,18 @@ def _prepare(args, log) -> Plan:
         resources={"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
         max_concurrent=args.max_concurrent, trials=args.trials or space.trials,
         time_budget=args.time_budget, max_failures=args.max_failures, resume=args.resume,
-        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"))
+        ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), warm_start=start,
+        max_acc_drop=max_acc_drop)
+
+
+def _check_input_size(net, model: str, size: int) -> None:
+    import torch
+
+    try:
+        with torch.no_grad():
+            net.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, ValueError, AssertionError) as e:
+        raise UsageError(f"{model} does not accept {size}x{size} images (--image-size): {e}") from None
 
 
 def _check_frozen_depth(space: Space, model: str) -> None:
@@ -115,6 +142,44 @@ def _check_frozen_depth(space: Space, model: str) -> None:
     if deepest > stages:
         raise UsageError(f"{space.path}: frozen_depth goes up to {deepest}, but {model} has "
                          f"{stages} stages (frozen_depth 0..{stages})")
+
+
+def _prunes(space: Space) -> bool:
+    param = space.search.get("prune_amount")
+    if param is not None:
+        return (max(param.values) if param.type == "choice" else param.high) > 0
+    return space.config().prune_amount > 0
+
+
+def _check_pruning(space: Space) -> None:
+    param = space.search.get("recovery_epochs")
+    fewest = (min(param.values) if param.type == "choice" else param.low) if param else \
+        space.config().recovery_epochs
+    if _prunes(space) and fewest < 1:
+        raise UsageError(f"{space.path}: prune_amount > 0 needs recovery_epochs >= 1 (got {fewest}): "
+                         "the pruned model is fine-tuned and measured in the recovery epochs")
+
+
+def _max_acc_drop(args, space: Space) -> float | None:
+    """--max-acc-drop, else 0.01 for a space that prunes, else None (not asked for)."""
+    if args.max_acc_drop is None:
+        return 0.01 if _prunes(space) else None
+    if not 0 <= args.max_acc_drop <= 1:
+        raise UsageError(f"--max-acc-drop must be between 0 and 1 (a val_acc difference), "
+                         f"got {args.max_acc_drop}")
+    return args.max_acc_drop
+
+
+def _warm_start(args, space: Space, fingerprint: str, log) -> WarmStart:
+    from dashboards.frame import SweepNotFound
+
+    if not space.search:
+        raise UsageError(f"--warm-start {args.warm_start}: space {space.name} searches nothing, "
+                         "so there is no search to warm-start")
+    try:
+        return earlier_trials(args.tracking_uri, args.warm_start, space, fingerprint, log=log)
+    except SweepNotFound as e:
+        raise UsageError(f"--warm-start: {e}") from None
 
 
 def _check_resources(args) -> None:

@@ -48,10 +48,17 @@ class LiveStatus(ProgressReporter):
 
     def __init__(self, max_epochs: int, total: int, stream=None):
         self.max_epochs, self.total = max_epochs, total
-        self.stream = stream or sys.stdout
+        self._stream = stream  # None: sys.stdout when writing (Tune pickles the reporter)
         self.tty = self.stream.isatty()
         self.start = time.time()
         self.last_line, self.last_report = "", 0.0
+
+    @property
+    def stream(self):
+        return self._stream or sys.stdout
+
+    def __getstate__(self):
+        return {**self.__dict__, "_stream": None}
 
     def setup(self, start_time=None, total_samples=None, metric=None, mode=None, **kwargs):
         self.start = start_time or self.start

@@ -62,7 +62,7 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
         tracker.write("artifact", "parent", local_path=str(sweep_dir / "skipped_files.txt"))
 
     driver.init_ray(plan.ray_address)
-    max_epochs = plan.space.config().total_epochs
+    max_epochs = plan.total_epochs
     MlflowTrials.active = tracker
     results = driver.build_tuner(plan, [MlflowTrials(max_epochs)], trainable).fit()
     tracker.reconcile(results, max_epochs)

@@ -65,7 +65,7 @@ def checkpoint_bytes(sweep_dir: Path) -> int:
 
 
 def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending: list) -> dict:
-    max_epochs = plan.space.config().total_epochs
+    max_epochs = plan.total_epochs
     summary = {
         "name": plan.name, "space": plan.space.name, "tracking_uri": redact(plan.tracking_uri),
         "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id,
@@ -84,7 +84,53 @@ def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending
             "run_id": tracker.run_id(trial_id_of(result)),
             "checkpoint": str(best_dir / "model.pt"),
         }
+    if plan.max_acc_drop is not None:
+        summary["smallest_within_drop"] = smallest_entry(size_candidates(results), plan.max_acc_drop,
+                                                         tracker.run_id)
     return summary
+
+
+def size_candidates(results) -> list[dict]:
+    """Every epoch of every trial as a model: its val_acc and its size (``nonzero_params``)."""
+    out = []
+    for r in results:
+        frame = r.metrics_dataframe
+        if frame is None or not {"epoch", "val_acc", "nonzero_params"} <= set(frame.columns):
+            continue
+        sparsity = frame["sparsity"] if "sparsity" in frame else 0.0
+        rows = frame.assign(sparsity=sparsity).dropna(subset=["val_acc", "nonzero_params"])
+        out += [{"trial_id": trial_id_of(r), "epoch": int(row.epoch), "val_acc": float(row.val_acc),
+                 "nonzero_params": int(row.nonzero_params), "sparsity": float(row.sparsity),
+                 "config": {k: r.config[k] for k in sorted(r.config)}}
+                for row in rows.itertuples()]
+    return out
+
+
+def smallest_within_drop(candidates: list[dict], drop: float) -> dict | None:
+    """The candidate with the fewest nonzero parameters whose val_acc is at most ``drop``
+    below the best candidate's; ties go to the higher val_acc, then the earlier epoch.
+
+    A candidate is one model: a trial at one epoch, so its val_acc was measured on the
+    weights it is counted by (a pruning trial's dense epochs are candidates too).
+    """
+    if not candidates:
+        return None
+    floor = max(c["val_acc"] for c in candidates) - drop - 1e-12  # 1e-12: float noise, not a margin
+    within = [c for c in candidates if c["val_acc"] >= floor]
+    return min(within, key=lambda c: (c["nonzero_params"], -c["val_acc"], c["epoch"]))
+
+
+def smallest_entry(candidates: list[dict], drop: float, run_id) -> dict | None:
+    """The ``smallest_within_drop`` entry of sweep_summary.json; ``run_id`` maps a trial id
+    to its MLflow run."""
+    pick = smallest_within_drop(candidates, drop)
+    if pick is None:
+        return None
+    best = smallest_within_drop(candidates, 0.0)
+    return {"max_acc_drop": drop, "best_val_acc": best["val_acc"],
+            "best_nonzero_params": best["nonzero_params"], "val_acc": pick["val_acc"],
+            "epoch": pick["epoch"], "nonzero_params": pick["nonzero_params"],
+            "sparsity": pick["sparsity"], "run_id": run_id(pick["trial_id"]), "config": pick["config"]}
 
 
 def write_summary(summary: dict, sweep_dir: Path) -> Path:

@@ -169,9 +169,11 @@ class SweepTracker:
                     self.ended.add(trial_id)
             return
         space, cfg = plan.space, plan.space.config()
+        # warm_start: the parent run whose trials TPE started from (sweeps/warm_start.py)
+        warm = {"warm_start": plan.warm_start.parent_run_id} if plan.warm_start else {}
         tags = {TAG_SWEEP: plan.name, TAG_ROLE: "parent", "space": space.name, "model": cfg.model,
                 "dataset": plan.dataset_label, "dataset_fingerprint": plan.data.dataset.fingerprint,
-                "git_commit": git_commit(), MLFLOW_RUN_NOTE: self._description()}
+                "git_commit": git_commit(), MLFLOW_RUN_NOTE: self._description(), **warm}
         self.write("create", "parent", experiment_id=self.experiment_id, run_name=plan.name, tags=tags)
         if "parent" not in self.write.run_ids:
             raise RuntimeError(f"could not create the sweep's MLflow run: {self.write.last_error}")
@@ -184,7 +186,8 @@ class SweepTracker:
                   "tpe.n_startup_trials": space.n_startup_trials,
                   "cpus_per_trial": plan.resources["cpu"], "gpus_per_trial": plan.resources["gpu"],
                   "classes": len(plan.data.classes), "train_images": len(plan.data.dataset.train),
-                  "val_images": len(plan.data.dataset.val), "image_size": plan.data.image_size}
+                  "val_images": len(plan.data.dataset.val), "image_size": plan.data.image_size,
+                  **warm}
         self.write("batch", "parent", metrics=[], params={k: str(v)[:500] for k, v in params.items()})
 
     def _description(self) -> str:
@@ -194,7 +197,7 @@ class SweepTracker:
                 f"Data: {plan.dataset_label} ({len(plan.data.dataset.train)} train / "
                 f"{len(plan.data.dataset.val)} val images, {len(plan.data.classes)} classes, "
                 f"{plan.data.image_size}px). Model: {cfg.model}.\n\n"
-                f"Budget: {plan.trials} trials x up to {cfg.total_epochs} epochs"
+                f"Budget: {plan.trials} trials x up to {plan.total_epochs} epochs"
                 f"{f', {plan.time_budget:.0f} s' if plan.time_budget else ''}. "
                 f"Searched: {searched or 'nothing (a fixed recipe)'}.")
 

@@ -96,3 +96,8 @@ def test_nothing_was_logged(in_tmp, capsys):
 def test_running_as_a_script_exits_2(in_tmp):
     proc = subprocess.run([*RUN, "--space", "nope"], capture_output=True, text=True, cwd=in_tmp)
     assert proc.returncode == 2 and "unknown space 'nope'" in proc.stderr
+
+
+def test_image_size_the_model_cannot_take(in_tmp, capsys, image_folder):
+    fails(["--space", "smoke", "--data", str(image_folder), "--weights", "none", "--model", "vit_b_32",
+           "--image-size", "32"], capsys, "vit_b_32 does not accept 32x32 images")

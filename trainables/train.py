@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from trainables import data as data_module
-from trainables import features
+from trainables import features, prune
 from trainables.config import TrialConfig
 from trainables.data import Batches, DataHandle
 from trainables.models import ModelError, build_model, freeze, set_train_mode, stages
@@ -34,8 +34,12 @@ class TrialDiverged(RuntimeError):
 def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | None = None, *,
               resume_from: str | Path | None = None, threads: int | None = None,
               device: str | None = None) -> dict:
-    """Fine-tune one model; returns the last epoch's metrics."""
+    """Fine-tune one model, and with ``prune_amount > 0`` prune it and fine-tune it again to
+    recover (``trainables.prune``); returns the last epoch's metrics."""
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
+    if cfg.prune_amount > 0 and cfg.recovery_epochs < 1:
+        raise ValueError(f"prune_amount={cfg.prune_amount} needs recovery_epochs >= 1: the pruned "
+                         "model is trained and measured in the recovery epochs")
     if threads:
         torch.set_num_threads(threads)  # Ray sets OMP_NUM_THREADS=1 in workers
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -63,24 +67,34 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
                     augment_strength=cfg.augment_strength, hflip=cfg.hflip, generator=gen)
     val = Batches(val_x, val_y, cfg.batch_size * 2, mean=mean, std=std, shuffle=False)
 
+    # Listed before any pruning: pruning re-registers each weight as weight_orig, which
+    # would change the order the optimizer's saved state is matched by.
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(cfg, params)
-    scheduler = torch.optim.lr_scheduler.PolynomialLR(
-        optimizer, total_iters=cfg.max_epochs * len(train), power=cfg.decay_power)
-
-    state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0}
-    if resume_from is not None:
-        ckpt = torch.load(Path(resume_from), map_location="cpu", weights_only=True)
+    prunable = prune.prunable(model)
+    ckpt = None if resume_from is None else torch.load(Path(resume_from), map_location="cpu",
+                                                       weights_only=True)
+    state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "pruned": False,
+             "phase_best_val_acc": -1.0, "phase_best_epoch": 0}
+    if ckpt is not None:
         model.load_state_dict(ckpt["model"])
+        state.update(ckpt["state"])
+        if state["pruned"]:
+            prunable = prune.restore_masks(model)
+    optimizer = make_optimizer(cfg, params)
+    scheduler = make_scheduler(cfg, optimizer, len(train), recovery=state["pruned"])
+    if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["generator"])
-        state = ckpt["state"]
 
     step = Step(model, staged, cfg, optimizer, scheduler, device, start)
     decodes_before = data_module.DECODE_COUNT
     metrics: dict = {}
-    for epoch in range(state["epoch"] + 1, cfg.max_epochs + 1):
+    for epoch in range(state["epoch"] + 1, cfg.total_epochs + 1):
+        if epoch > cfg.max_epochs and not state["pruned"]:  # fine-tuned: prune, then recover
+            prunable = prune.prune_global(model, cfg.prune_amount)
+            scheduler = step.scheduler = make_scheduler(cfg, optimizer, len(train), recovery=True)
+            state.update(pruned=True, phase_best_val_acc=-1.0)
         t0 = time.perf_counter()
         set_train_mode(model, staged, cfg.frozen_depth, training=True)
         try:
@@ -96,19 +110,22 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         val_loss, val_acc = evaluate(step, val)
         if val_acc > state["best_val_acc"]:
             state.update(best_val_acc=val_acc, best_epoch=epoch)
+        if val_acc > state["phase_best_val_acc"]:  # patience counts within fine-tuning or recovery
+            state.update(phase_best_val_acc=val_acc, phase_best_epoch=epoch)
         state["epoch"] = epoch
         metrics = {"epoch": epoch, "train_loss": train_loss, "val_loss": val_loss,
                    "val_acc": val_acc, "lr": optimizer.param_groups[0]["lr"],
                    "img_per_s": seen / train_s, "epoch_s": time.perf_counter() - t0,
                    "best_val_acc": state["best_val_acc"], "cached_stages": start,
+                   "sparsity": prune.sparsity(prunable), "nonzero_params": prune.nonzero_params(model),
                    # for benchmarks: when training began, and images decoded inside this trial
                    "first_step_time": step.first_step_time,
                    "decodes_in_trial": data_module.DECODE_COUNT - decodes_before}
-        stop = cfg.patience > 0 and epoch - state["best_epoch"] >= cfg.patience
+        stop = cfg.patience > 0 and epoch - state["phase_best_epoch"] >= cfg.patience
         if stop:
             metrics["early_stopped"] = 1
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            torch.save({"model": prune.plain_state_dict(model), "optimizer": optimizer.state_dict(),
                         "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
                         "state": state, "config": cfg.to_dict(), "classes": list(data.classes),
                         "image_size": data.image_size, "mean": list(data.mean),
@@ -118,6 +135,21 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         if stop:
             break
     return metrics
+
+
+def make_scheduler(cfg: TrialConfig, optimizer, steps_per_epoch: int, recovery: bool = False):
+    """``lr_t = lr * (1 - t/T) ** decay_power`` stepped per batch, over the fine-tuning epochs.
+
+    Recovery after pruning gets a fresh schedule of the same shape over the recovery
+    epochs, back from the trial's lr (as learning-rate rewinding does): the fine-tuning
+    schedule has decayed to zero by then, so continuing it would not train at all.
+    """
+    epochs = cfg.recovery_epochs if recovery else cfg.max_epochs
+    if recovery:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr
+    return torch.optim.lr_scheduler.PolynomialLR(optimizer, total_iters=epochs * steps_per_epoch,
+                                                 power=cfg.decay_power)
 
 
 def make_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:
