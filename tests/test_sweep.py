@@ -47,7 +47,9 @@ def test_summary_accounts_for_every_trial(sweep):
 
 def test_one_parent_and_one_child_per_trial(sweep):
     summary, client, _ = sweep
-    parents = client.search_runs([summary["experiment_id"]], "tags.`ftsweep.role` = 'parent'")
+    # The server is shared with other tests: this sweep's parent is the one with its name.
+    parents = client.search_runs([summary["experiment_id"]],
+                                 "tags.`ftsweep.role` = 'parent' and tags.`ftsweep.sweep` = 'itest'")
     assert [p.info.run_id for p in parents] == [summary["parent_run_id"]]
     tags = parents[0].data.tags
     assert tags["space"] == "smoke" and tags["model"] == "resnet18"
