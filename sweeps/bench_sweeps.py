@@ -1,0 +1,210 @@
+"""The benchmark's sweeps: real ones through the platform, and bare Ray Tune for comparison.
+
+Helpers of ``sweeps/bench.py``. Each sweep gets Ray to itself: it starts Ray and shuts it
+down before the next begins, so every measured wall time pays for the same things.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+SPACE = "bench"  # search_spaces/bench.yaml: lr only, nothing frozen, ASHA never stops early
+
+
+def lanes(args) -> int:
+    """Trials that run at once: every CPU the benchmark may use, split per trial."""
+    return int(args.cpus // args.cpus_per_trial)
+
+
+def sweep_argv(args, work: Path, name: str, trials: int, epochs: int,
+               experiment: str = "bench") -> list[str]:
+    """The ``sweeps/run.py`` command line of one benchmark sweep."""
+    argv = ["--space", SPACE, "--model", args.model, "--weights", "none",
+            "--image-size", str(args.image_size), "--trials", str(trials), "--max-epochs", str(epochs),
+            "--cpus-per-trial", str(args.cpus_per_trial), "--max-concurrent", str(lanes(args)),
+            "--tracking-uri", tracking_uri(work), "--experiment", experiment,
+            "--storage", str(work / "sweeps"), "--name", name]
+    # absolute: the command runs in the work folder
+    return argv + (["--data", str(Path(args.data).resolve())] if args.data else [])
+
+
+def tracking_uri(work: Path) -> str:
+    return f"sqlite:///{work / 'mlflow.db'}"
+
+
+def trivial(config: dict, data) -> None:
+    """A trial that does no work: it reports one epoch's metrics, and when it started."""
+    from ray import tune
+
+    tune.report({"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.0, "lr": config["lr"],
+                 "img_per_s": 0.0, "epoch_s": 0.0, "started": time.time()})
+
+
+def in_process(argv: list[str], log: Path, trainable=None):
+    """Run one sweep of the platform in this process, with its output in ``log``; returns
+    its plan. Ray is shut down after it, so the next sweep starts Ray afresh."""
+    import ray
+
+    from sweeps.cli import build_parser
+    from sweeps.plan import prepare
+    from sweeps.run import execute
+
+    with open(log, "a") as out, contextlib.redirect_stdout(out):
+        plan = prepare(build_parser().parse_args(argv))
+        try:
+            execute(plan, trainable=trainable)
+        finally:
+            ray.shutdown()
+    return plan
+
+
+def bare_tune(plan, trials: int, concurrent: int, log: Path, reuse_actors: bool = True) -> Path:
+    """Sweep ``trivial`` with a bare ``tune.Tuner``: the plan's resources, concurrency and
+    param space, actor reuse as the platform has it unless told otherwise (Tune's default
+    is off), and the platform's way of starting Ray; no search algorithm, scheduler,
+    callbacks or MLflow. Returns the sweep's folder."""
+    import ray
+    from ray import tune
+
+    from sweeps import driver
+
+    name = f"bare-{time.time_ns()}"
+    with open(log, "a") as out, contextlib.redirect_stdout(out):
+        try:
+            driver.init_ray(None)
+            trainable = tune.with_resources(tune.with_parameters(trivial, data=plan.data), plan.resources)
+            tune.Tuner(trainable, param_space=driver.param_space(plan.space),
+                       tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent,
+                                                   reuse_actors=reuse_actors),
+                       run_config=tune.RunConfig(name=name, storage_path=plan.storage, verbose=1)).fit()
+        finally:
+            ray.shutdown()
+    return Path(plan.storage) / name
+
+
+def as_command(argv: list[str], work: Path, log: Path) -> tuple[float, float]:
+    """Run ``sweeps/run.py`` as a user would; returns (launch time, wall time)."""
+    with open(log, "w") as out:
+        started = time.time()
+        proc = subprocess.run([sys.executable, str(ROOT / "sweeps" / "run.py"), *argv], cwd=work,
+                              stdout=out, stderr=subprocess.STDOUT)
+        wall = time.time() - started
+    if proc.returncode != 0:
+        tail = "\n".join(log.read_text().splitlines()[-30:])
+        raise RuntimeError(f"the benchmark sweep exited with {proc.returncode}:\n{tail}")
+    return started, wall
+
+
+def trial_results(sweep_dir: str | Path) -> list[list[dict]]:
+    """Every trial's reported results in order, from Ray Tune's ``result.json`` files."""
+    return [[json.loads(line) for line in f.read_text().splitlines() if line.strip()]
+            for f in sorted(Path(sweep_dir).glob("*/result.json"))]
+
+
+def run_times(uri: str, experiment: str, sweep: str) -> tuple[float, list[tuple[float, float]]]:
+    """The sweep's MLflow parent run start and its trials' (start, end), in epoch seconds.
+
+    A child run is created when Ray Tune starts the trial and ended when the trial ends."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`ftsweep.sweep` = '{sweep}'", max_results=10000)
+    parent = [r.info.start_time / 1000 for r in runs if r.data.tags.get("ftsweep.role") == "parent"]
+    trials = [(r.info.start_time / 1000, r.info.end_time / 1000) for r in runs
+              if r.data.tags.get("ftsweep.role") == "trial" and r.info.end_time]
+    return parent[0], trials
+
+
+def measure_decodes(args, work: Path):
+    """A sweep of ``--decode-trials`` trials, one epoch each, on an empty cache folder;
+    returns its plan (whose data handle the other measurements reuse) and the figures."""
+    from trainables import data
+
+    if any((work / "cache").glob("decoded/*/meta.json")):
+        raise RuntimeError(f"{work / 'cache'} already holds decoded images: decodes need an empty cache")
+    before = data.DECODE_COUNT
+    plan = in_process(sweep_argv(args, work, "decodes", args.decode_trials, 1), work / "decodes.log")
+    driver = data.DECODE_COUNT - before
+    results = [r for r in trial_results(plan.sweep_dir) if r]
+    in_trials = sum(int(r[-1]["decodes_in_trial"]) for r in results)
+    images = len(plan.data.dataset)
+    return plan, {"decodes_per_image": (driver + in_trials) / images,
+                  "decodes": {"driver": driver, "in_trials": in_trials, "images": images,
+                              "trials": len(results)}}
+
+
+def measure_sweep(args, work: Path, train_images: int) -> dict:
+    """Startup and summed training throughput of the real command, on the warm cache."""
+    name = "throughput"
+    started, wall = as_command(sweep_argv(args, work, name, args.trials, args.epochs), work,
+                               work / "throughput.log")
+    results = [r for r in trial_results(work / "sweeps" / name) if r]
+    parent_start, spans = run_times(tracking_uri(work), "bench", name)
+    first_start, fit_s = min(s for s, _ in spans), fit_phase(spans)
+    epochs = sum(int(r[-1]["epoch"]) for r in results)
+    epoch_s = sum(row["epoch_s"] for r in results for row in r)
+    first_step = min(r[0]["first_step_time"] for r in results)
+    return {
+        "sweep_img_per_s": epochs * train_images / fit_s,
+        "startup_s": first_step - started,
+        # seconds from the launch until: the sweep's MLflow run exists, Tune starts the
+        # first trial (its actor is up), that trial takes its first optimizer step
+        "startup_milestones_s": {"sweep_run_created": parent_start - started,
+                                 "first_trial_started": first_start - started,
+                                 "first_step": first_step - started},
+        "sweep": {"trials": len(results), "trial_epochs": epochs, "train_images": epochs * train_images,
+                  "fit_s": fit_s, "command_wall_s": wall, "concurrent": lanes(args),
+                  # time the trials spent in their epochs' train and val loops, per lane
+                  "lane_busy_fraction": epoch_s / (lanes(args) * fit_s),
+                  "in_epoch_img_per_s": lanes(args) * epochs * train_images / epoch_s}}
+
+
+def measure_overhead(args, work: Path, rounds: int = 2) -> dict:
+    """Wall time per trial of work-free sweeps, the platform's and bare Ray Tune's. They
+    alternate, ``rounds`` times, and each keeps its lowest: other load on the machine only
+    ever adds time."""
+    n, experiment = args.overhead_trials, "bench-overhead"
+    _create_experiment(tracking_uri(work), experiment)  # once, outside the timed sweeps
+    per: dict[str, list[float]] = {"platform": [], "bare": []}
+    for i in range(rounds):
+        argv = sweep_argv(args, work, f"overhead-{i}", n, 1, experiment)
+        plan = in_process(argv, work / "overhead.log", trivial)
+        per["platform"].append(per_trial(trial_results(plan.sweep_dir), lanes(args)))
+        bare = bare_tune(plan, n, lanes(args), work / "overhead.log")
+        per["bare"].append(per_trial(trial_results(bare), lanes(args)))
+    # For scale: Tune as it comes starts a new actor per trial. Few trials: each costs seconds.
+    few = min(n, 2 * lanes(args) + 4)
+    default = bare_tune(plan, few, lanes(args), work / "overhead.log", reuse_actors=False)
+    return {"overhead_per_trial_s": min(per["platform"]), "bare_ray_overhead_per_trial_s": min(per["bare"]),
+            "bare_ray_default_overhead_per_trial_s": per_trial(trial_results(default), lanes(args)),
+            "overhead": {"trials": n, "concurrent": lanes(args), "per_trial_s": per,
+                         "default_trials": few}}
+
+
+def per_trial(results: list[list[dict]], concurrent: int) -> float:
+    """Seconds per trial at the pace trials start: the first ``concurrent`` start at once,
+    each later one when a running trial has ended and the next has been set up."""
+    starts = sorted(r[0]["started"] for r in results if r)
+    if len(starts) <= concurrent:
+        raise ValueError(f"{len(starts)} trials started: need more than the {concurrent} run at once")
+    return (starts[-1] - starts[0]) / (len(starts) - concurrent)
+
+
+def fit_phase(spans: list[tuple[float, float]]) -> float:
+    """From the first trial's start to the last trial's end."""
+    return max(end for _, end in spans) - min(start for start, _ in spans)
+
+
+def _create_experiment(uri: str, name: str) -> None:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    if client.get_experiment_by_name(name) is None:
+        client.create_experiment(name)
