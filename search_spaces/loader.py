@@ -88,7 +88,7 @@ class Space:
     def sample(self, rng: random.Random) -> TrialConfig:
         return self.config({k: p.sample(rng) for k, p in self.search.items()})
 
-    def override(self, **fixed) -> "Space":
+    def override(self, **fixed) -> Space:
         """Fix more keys (``--set``, ``--max-epochs``); a searched key stays searched."""
         clash = sorted(set(fixed) & set(self.search))
         if clash:

@@ -191,3 +191,12 @@ def decode_images(paths: Sequence[str | Path], image_size: int, pool: ThreadPool
             read_paths.append(path)
     stacked = np.stack(images) if images else np.empty((0, image_size, image_size, 3), np.uint8)
     return stacked, read_paths, unreadable
+
+
+def add_run_arguments(p) -> None:
+    """--tracking-uri and --run, shared by every command that reads a sweep's best model."""
+    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
+                   help="MLflow tracking URI the sweep logged to (default sqlite:///mlflow.db)")
+    p.add_argument("--run", required=True, metavar="RUN_ID|SWEEP",
+                   help="the sweep's parent MLflow run id (printed by sweeps/run.py, parent_run_id "
+                        "in sweep_summary.json) or the sweep's name")

@@ -19,6 +19,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sweeps.best_model import add_run_arguments  # noqa: E402
 from sweeps.plan import UsageError  # noqa: E402
 
 FORMATS = ("torchscript", "onnx")
@@ -38,11 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sweeps/export.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export the best model of a sweep (its parent MLflow run's best/ artifacts) "
                     "as TorchScript or ONNX, with its classes and preprocessing embedded.")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
-                   help="MLflow tracking URI the sweep logged to (default sqlite:///mlflow.db)")
-    p.add_argument("--run", required=True, metavar="RUN_ID|SWEEP",
-                   help="the sweep's parent MLflow run id (printed by sweeps/run.py, parent_run_id "
-                        "in sweep_summary.json) or the sweep's name")
+    add_run_arguments(p)
     p.add_argument("--format", choices=FORMATS,
                    help="torchscript (torch.jit.load, LibTorch) or onnx (ONNX Runtime, TensorRT, ...); "
                         "default: onnx when --out ends in .onnx, else torchscript")

@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sweeps.best_model import add_run_arguments  # noqa: E402
 from sweeps.plan import UsageError  # noqa: E402
 from trainables.data import IMAGE_EXTENSIONS, is_hidden  # noqa: E402
 
@@ -35,11 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="sweeps/predict.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Classify every image under a folder with the best model of a sweep, "
                     "preprocessed exactly as the sweep evaluated it; write one CSV row per image.")
-    p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
-                   help="MLflow tracking URI the sweep logged to (default sqlite:///mlflow.db)")
-    p.add_argument("--run", required=True, metavar="RUN_ID|SWEEP",
-                   help="the sweep's parent MLflow run id (printed by sweeps/run.py, parent_run_id "
-                        "in sweep_summary.json) or the sweep's name")
+    add_run_arguments(p)
     p.add_argument("--images", required=True, metavar="DIR",
                    help=f"folder searched recursively for images ({' '.join(IMAGE_EXTENSIONS)}); "
                         "hidden files and folders are ignored")

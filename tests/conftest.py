@@ -100,6 +100,19 @@ def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "images")
 
 
+def small_sweep(name: str, tmp_path_factory) -> tuple[dict, str]:
+    """A 2-trial smoke sweep on the digits demo logged to its own sqlite store:
+    (its sweep_summary.json, the tracking URI)."""
+    import json
+
+    cwd = tmp_path_factory.mktemp(name)
+    uri = f"sqlite:///{cwd}/mlflow.db"
+    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", name,
+                      "--tracking-uri", uri, "--storage", str(cwd / "results")], cwd)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text()), uri
+
+
 def run_sweep(args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600):
     """Run ``sweeps/run.py`` as a user would; returns the CompletedProcess."""
     return subprocess.run([*RUN, *args], cwd=cwd, env={**os.environ, **(env or {})},

@@ -4,9 +4,10 @@ import pytest
 import ray
 from mlflow.tracking import MlflowClient
 
-from conftest import write_image_folder
 from sweeps.run import main
 from trainables.data import DataError, DataHandle, scan
+
+from conftest import write_image_folder
 
 
 @pytest.fixture

@@ -6,9 +6,10 @@ import subprocess
 import pytest
 import ray
 
-from conftest import RUN, free_port
 from sweeps.cli import build_parser
 from sweeps.run import main
+
+from conftest import RUN, free_port
 
 FLAGS = ["--space", "--data", "--model", "--weights", "--image-size", "--trials", "--max-epochs",
          "--cpus-per-trial", "--gpus-per-trial", "--max-concurrent", "--seed", "--tracking-uri",

@@ -9,11 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, run_sweep
 from mlflow.tracking import MlflowClient
 from torchvision.models import get_model
 
 from sweeps.export import build_parser, main
+
+from conftest import ROOT, free_port, small_sweep
 
 pytestmark = pytest.mark.slow
 EXPORT = [sys.executable, str(ROOT / "sweeps" / "export.py")]
@@ -22,12 +23,7 @@ EXPORT = [sys.executable, str(ROOT / "sweeps" / "export.py")]
 @pytest.fixture(scope="module")
 def sweep(cache_dir, tmp_path_factory):
     """One smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
-    cwd = tmp_path_factory.mktemp("export-sweep")
-    uri = f"sqlite:///{cwd}/mlflow.db"
-    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", "export-test",
-                      "--tracking-uri", uri, "--storage", str(cwd / "results")], cwd)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text()), uri
+    return small_sweep("export-test", tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

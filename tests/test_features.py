@@ -31,7 +31,7 @@ def test_cached_and_uncached_trials_give_the_same_losses(handle, depth, epochs):
     cached = trial(handle, frozen_depth=depth, max_epochs=epochs)
     plain = trial(handle, frozen_depth=depth, max_epochs=epochs, feature_cache=False)
     assert cached[0]["cached_stages"] == depth and plain[0]["cached_stages"] == 0
-    for a, b in zip(cached, plain):
+    for a, b in zip(cached, plain, strict=False):
         for key in ("train_loss", "val_loss", "val_acc"):
             assert a[key] == pytest.approx(b[key], rel=3e-3, abs=1e-4), key
 

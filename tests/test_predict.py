@@ -9,12 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, free_port, run_sweep
 from mlflow.tracking import MlflowClient
 
 from sweeps.predict import build_parser, main
 from trainables import demo
 from trainables.data import scan
+
+from conftest import ROOT, free_port, small_sweep
 
 pytestmark = pytest.mark.slow
 PREDICT = [sys.executable, str(ROOT / "sweeps" / "predict.py")]
@@ -23,12 +24,7 @@ PREDICT = [sys.executable, str(ROOT / "sweeps" / "predict.py")]
 @pytest.fixture(scope="module")
 def sweep(cache_dir, tmp_path_factory):
     """One smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
-    cwd = tmp_path_factory.mktemp("predict-sweep")
-    uri = f"sqlite:///{cwd}/mlflow.db"
-    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", "predict-test",
-                      "--tracking-uri", uri, "--storage", str(cwd / "results")], cwd)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text()), uri
+    return small_sweep("predict-test", tmp_path_factory)
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import ROOT, run_sweep
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
@@ -18,6 +17,8 @@ from dashboards import report
 from dashboards.frame import Searched, load_sweep
 from dashboards.importance import param_importances
 from dashboards.report import build_html
+
+from conftest import ROOT, run_sweep
 
 CHROMIUM = "/usr/bin/chromium"
 SEARCHED = {"lr", "decay_power", "frozen_depth"}

@@ -10,10 +10,11 @@ import torch
 import torchvision
 from mlflow.tracking import MlflowClient
 
-from conftest import run_sweep
 from trainables import demo
 from trainables.config import TrialConfig
 from trainables.data import Batches, DataHandle, scan
+
+from conftest import run_sweep
 
 pytestmark = pytest.mark.slow
 TRIALS = 4

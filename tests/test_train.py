@@ -48,7 +48,7 @@ def test_checkpoint_holds_what_a_resume_needs_and_resuming_changes_nothing(handl
     assert ckpt["state"]["epoch"] == 1 and ckpt["config"] == tiny().to_dict()
     run_trial(tiny(), handle, collect(resumed), resume_from=tmp_path / "epoch1.pt", threads=1)
     assert [m["epoch"] for m in resumed] == [2, 3]
-    for a, b in zip(straight[1:], resumed):
+    for a, b in zip(straight[1:], resumed, strict=False):
         assert a["train_loss"] == pytest.approx(b["train_loss"], rel=1e-5)
         assert a["val_loss"] == pytest.approx(b["val_loss"], rel=1e-5)
         assert a["lr"] == pytest.approx(b["lr"])

@@ -48,7 +48,7 @@ class TrialConfig:
         return {f.name: _TYPES[f.type] for f in dataclasses.fields(cls)}
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrialConfig":
+    def from_dict(cls, values: dict) -> TrialConfig:
         known = cls.keys()
         unknown = sorted(set(values) - set(known))
         if unknown:

@@ -59,10 +59,10 @@ class Dataset:
     def __len__(self) -> int:
         return len(self.train) + len(self.val)
 
-    def without(self, bad: dict[str, str]) -> "Dataset":
+    def without(self, bad: dict[str, str]) -> Dataset:
         """The dataset minus ``bad`` files (and the non-image files), noted in ``skipped``."""
         def keep(split: Split) -> Split:
-            kept = [(p, y) for p, y in zip(split.paths, split.labels) if p not in bad]
+            kept = [(p, y) for p, y in zip(split.paths, split.labels, strict=False) if p not in bad]
             return Split(tuple(p for p, _ in kept), tuple(y for _, y in kept))
 
         train, val = keep(self.train), keep(self.val)
@@ -150,7 +150,7 @@ def fingerprint(*splits: Split) -> str:
     """Identifies the dataset's content by path, size and modification time of every file."""
     h = hashlib.sha256()
     for split in splits:
-        for path, label in zip(split.paths, split.labels):
+        for path, label in zip(split.paths, split.labels, strict=False):
             st = os.stat(path)
             h.update(f"{path}\0{label}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         h.update(b"--split--")
@@ -204,7 +204,7 @@ class DataHandle:
             self.prepare(skip_bad=False, workers=workers)
         return self.path
 
-    def prepare(self, skip_bad: bool, workers: int | None = None) -> "DataHandle":
+    def prepare(self, skip_bad: bool, workers: int | None = None) -> DataHandle:
         """Decode every image once into the cache; this is also the validation pass.
 
         Unreadable or truncated images, and files that are not images, stop it with the
@@ -238,7 +238,7 @@ def _decode_split(split: Split, size: int, workers: int, out_path: Path) -> dict
     # PIL releases the GIL while decoding and resizing, so threads use every core.
     with ThreadPoolExecutor(workers) as pool:
         for i, (path, img) in enumerate(zip(split.paths, pool.map(lambda p: _try_decode(p, size),
-                                                                   split.paths))):
+                                                                   split.paths), strict=False)):
             if isinstance(img, str):
                 bad[path] = img
             else:

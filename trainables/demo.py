@@ -38,7 +38,7 @@ def write_digits(root: Path, digits) -> Path:
 
     bunch = load_digits()
     images = (bunch.images * (255 / 16)).round().astype(np.uint8)
-    for i, (img, label) in enumerate(zip(images, bunch.target)):
+    for i, (img, label) in enumerate(zip(images, bunch.target, strict=False)):
         if label in digits:
             folder = root / str(label)
             folder.mkdir(parents=True, exist_ok=True)
