@@ -54,18 +54,8 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
     if device.type == "cuda" and cfg.channels_last:
         model.to(memory_format=torch.channels_last)
 
-    train_x, train_y = data.arrays("train")
-    val_x, val_y = data.arrays("val")
-    mean, std, start = data.mean, data.std, 0
-    if features.applies(cfg, staged):
-        model.eval()  # the frozen prefix as training will see it
-        cached = features.prefix_features(cfg, data, staged, device)
-        if cached is not None:  # train and validate on the prefix's outputs
-            train_x, val_x, mean, std, start = cached["train"], cached["val"], None, None, cfg.frozen_depth
     gen = torch.Generator().manual_seed(cfg.seed)
-    train = Batches(train_x, train_y, cfg.batch_size, mean=mean, std=std, shuffle=True,
-                    augment_strength=cfg.augment_strength, hflip=cfg.hflip, generator=gen)
-    val = Batches(val_x, val_y, cfg.batch_size * 2, mean=mean, std=std, shuffle=False)
+    train, val, start = make_batches(cfg, data, model, staged, device, gen)
 
     # Listed before any pruning: pruning re-registers each weight as weight_orig, which
     # would change the order the optimizer's saved state is matched by.
@@ -125,16 +115,38 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         if stop:
             metrics["early_stopped"] = 1
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            torch.save({"model": prune.plain_state_dict(model), "optimizer": optimizer.state_dict(),
-                        "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
-                        "state": state, "config": cfg.to_dict(), "classes": list(data.classes),
-                        "image_size": data.image_size, "mean": list(data.mean),
-                        "std": list(data.std)}, Path(tmp) / CHECKPOINT_FILE)
+            save_checkpoint(Path(tmp) / CHECKPOINT_FILE, cfg, data, model, optimizer, scheduler, gen, state)
             if report is not None:
                 report(metrics, Path(tmp))
         if stop:
             break
     return metrics
+
+
+def make_batches(cfg: TrialConfig, data: DataHandle, model, staged, device, gen):
+    """Train and val batches, and the first stage they enter: 0 for images, k when the
+    frozen prefix's cached outputs stand in for the images (``trainables.features``)."""
+    train_x, train_y = data.arrays("train")
+    val_x, val_y = data.arrays("val")
+    mean, std, start = data.mean, data.std, 0
+    if features.applies(cfg, staged):
+        model.eval()  # the frozen prefix as training will see it
+        cached = features.prefix_features(cfg, data, staged, device)
+        if cached is not None:
+            train_x, val_x, mean, std, start = cached["train"], cached["val"], None, None, cfg.frozen_depth
+    train = Batches(train_x, train_y, cfg.batch_size, mean=mean, std=std, shuffle=True,
+                    augment_strength=cfg.augment_strength, hflip=cfg.hflip, generator=gen)
+    val = Batches(val_x, val_y, cfg.batch_size * 2, mean=mean, std=std, shuffle=False)
+    return train, val, start
+
+
+def save_checkpoint(path: Path, cfg: TrialConfig, data: DataHandle, model, optimizer, scheduler,
+                    gen, state: dict) -> None:
+    """Everything a resume needs, plus what explains the run: config, classes, preprocessing."""
+    torch.save({"model": prune.plain_state_dict(model), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                "state": state, "config": cfg.to_dict(), "classes": list(data.classes),
+                "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std)}, path)
 
 
 def make_scheduler(cfg: TrialConfig, optimizer, steps_per_epoch: int, recovery: bool = False):
