@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 import ray
@@ -13,6 +14,51 @@ from sweeps.progress import LiveStatus
 from trainables.ray_trial import trainable
 
 METRIC, MODE = "val_acc", "max"
+
+
+class ResumableASHA(ASHAScheduler):
+    """ASHA whose rungs survive ``Tuner.restore``.
+
+    Ray Tune snapshots the trials but not the scheduler, so a resumed sweep's ASHA would
+    start with empty rungs and judge the remaining trials against nothing. Before the
+    first trial is chosen to run, every trial's recorded results are replayed into the
+    rungs, in order, exactly as they were recorded the first time.
+    """
+
+    _replayed = False
+
+    def choose_trial_to_run(self, tune_controller):
+        if not self._replayed:
+            self._replayed = True
+            replayed = self.replay(tune_controller.get_trials())
+            if replayed:
+                print(f"ASHA: rungs rebuilt from {replayed} results recorded before the restart")
+        return super().choose_trial_to_run(tune_controller)
+
+    def replay(self, trials) -> int:
+        if len(self._brackets) != 1:  # the bracket of a finished trial is not recorded anywhere
+            return 0
+        replayed = 0
+        for trial in trials:
+            for result in _recorded_results(trial):
+                if self._metric in result and self._time_attr in result:
+                    self._brackets[0].on_result(trial, result[self._time_attr],
+                                                self._metric_op * result[self._metric])
+                    replayed += 1
+        return replayed
+
+
+def _recorded_results(trial) -> list[dict]:
+    """The results a trial reported before the driver stopped (its result.json)."""
+    if not trial.last_result or trial.storage is None or not trial.storage.trial_dir_name:
+        return []  # a new trial: nothing recorded yet
+    try:
+        fs = trial.storage.storage_filesystem
+        with fs.open_input_stream(f"{trial.storage.trial_fs_path}/result.json") as f:
+            text = f.read().decode()
+    except OSError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def param_space(space) -> dict:
@@ -51,7 +97,7 @@ def search_algorithm(space, max_concurrent: int | None, warm_start=None):
 def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
     space = plan.space
     max_t = plan.total_epochs
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=max_t,
+    scheduler = ResumableASHA(time_attr="training_iteration", max_t=max_t,
                               grace_period=min(space.grace_period, max_t),
                               reduction_factor=space.reduction_factor)
     run_config = tune.RunConfig(

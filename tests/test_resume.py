@@ -73,4 +73,5 @@ def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path
         assert len(client.get_metric_history(run.info.run_id, "val_acc")) == epochs_before[trial_id]
     # ASHA still stops trials after the restart: its rungs and TPE's history came back.
     assert f"{TRIALS}/{TRIALS} trials" in again.stdout
+    assert "ASHA: rungs rebuilt from" in again.stdout
     assert summary["trials"]["stopped_early"] >= 1

@@ -111,3 +111,4 @@ def test_best_checkpoint_loads_and_reproduces_its_val_acc(sweep, tmp_path):
     assert meta["val_acc"] == pytest.approx(summary["best"]["val_acc"])
     logged = client.get_metric_history(summary["best"]["run_id"], "val_acc")
     assert max(m.value for m in logged) == pytest.approx(meta["val_acc"])
+
