@@ -2,6 +2,7 @@
 uses it. (s3:// and gs:// take the same code path but need a bucket: not tested here.)
 The multi-node check runs on a real two-node cluster in test_cluster.py."""
 
+import json
 from types import SimpleNamespace
 
 import pyarrow.fs as pafs
@@ -93,3 +94,20 @@ def test_trial_inputs_are_the_dataset_and_a_weights_file():
 def test_a_node_reports_the_paths_it_cannot_see(tmp_path):
     (tmp_path / "here").mkdir()
     assert storage._missing([str(tmp_path / "here"), str(tmp_path / "gone")]) == [str(tmp_path / "gone")]
+
+
+@pytest.mark.slow
+def test_a_sweep_writes_its_summary_and_best_model_through_a_storage_uri(tmp_path, cache_dir):
+    from conftest import run_sweep
+
+    uri = f"file://{tmp_path}/store"
+    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "1", "--name", "via-uri",
+                      "--storage", uri, "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db"], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    printed = proc.stdout.strip().splitlines()[-1]
+    assert printed == f"{uri}/via-uri/sweep_summary.json"
+    summary = json.loads(storage.read_text(printed))
+    assert sum(summary["trials"].values()) == 2
+    assert summary["best"]["checkpoint"] == f"{uri}/via-uri/best/model.pt"
+    assert storage.exists(summary["best"]["checkpoint"])
+    assert len(list((tmp_path / "store" / "via-uri").glob("trial_*/checkpoint_*"))) >= 2
