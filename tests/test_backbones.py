@@ -8,9 +8,6 @@ registry models. It is vit_b_32 rather than vit_b_16: the same staged view (embe
 takes about 50 s on two busy cores, most of it VGG's and ViT's ~0.4 GB of weights.
 """
 
-import shutil
-import tempfile
-from pathlib import Path
 
 import pytest
 import torch
@@ -33,13 +30,9 @@ FAMILIES = [
 
 
 @pytest.fixture(autouse=True)
-def light(monkeypatch):
-    # One thread: tiny inputs gain nothing from more, and the machine is shared. VGG and
-    # ViT checkpoints are ~0.4 GB an epoch: write them to memory when there is room.
+def light():
+    # One thread: tiny inputs gain nothing from more, and the machine is shared.
     threads = torch.get_num_threads()
-    shm = Path("/dev/shm")
-    if shm.is_dir() and shutil.disk_usage(shm).free > 4 * 2**30:
-        monkeypatch.setattr(tempfile, "tempdir", str(shm))
     yield
     torch.set_num_threads(threads)
 
