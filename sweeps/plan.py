@@ -72,15 +72,12 @@ def _prepare(args, log) -> Plan:
     from sweeps.tracking import check_tracking_uri
 
     space = load_space(args.space)
-    sets = parse_sets(args.set)
     is_demo = args.data is None
-    model = args.model or sets.pop("model", None) or space.fixed.get("model", "resnet18")
+    flags = {"model": args.model, "image_size": args.image_size, "max_epochs": args.max_epochs}
+    fixed = {**parse_sets(args.set), **{k: v for k, v in flags.items() if v is not None}}
+    model = fixed["model"] = fixed.get("model") or space.fixed.get("model", "resnet18")
     check_model_name(model)
-    fixed = {**sets, "model": model,
-             "image_size": args.image_size or sets.pop("image_size", None) or
-             (demo.IMAGE_SIZE if is_demo else space.config().image_size)}
-    if args.max_epochs is not None:
-        fixed["max_epochs"] = args.max_epochs
+    fixed.setdefault("image_size", demo.IMAGE_SIZE if is_demo else space.config().image_size)
     space = space.override(**fixed)
     if args.seed is not None:
         space = replace(space, seed=args.seed)
@@ -93,7 +90,7 @@ def _prepare(args, log) -> Plan:
     cfg = space.config()
     root = demo.transfer_folder() if is_demo else Path(args.data).expanduser()
     dataset = scan(root, val_fraction=args.val_fraction, seed=space.seed)
-    weights = args.weights or sets.get("weights") or ("demo" if is_demo else cfg.weights)
+    weights = args.weights or fixed.get("weights") or ("demo" if is_demo else cfg.weights)
     mean, std = normalization(model, weights if weights == "imagenet" else "none")
     if weights == "demo":
         weights = str(demo.pretrained_backbone(model, cfg.image_size, log=log))

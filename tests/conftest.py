@@ -100,6 +100,30 @@ def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "images")
 
 
+def assert_help_documents_every_flag(main, build_parser, capsys) -> None:
+    """``main(["--help"])`` exits 0 and shows every flag, and every flag has a help text."""
+    with pytest.raises(SystemExit) as done:
+        main(["--help"])
+    assert done.value.code == 0
+    out = capsys.readouterr().out
+    for action in build_parser()._actions:
+        assert action.help, action.option_strings
+        assert all(flag in out for flag in action.option_strings)
+
+
+def collect(into: list, keep_dir: Path | None = None):
+    """A trial ``report`` that keeps the metrics and, optionally, a copy of each checkpoint."""
+    import shutil
+
+    from trainables.train import CHECKPOINT_FILE
+
+    def report(metrics, ckpt_dir):
+        into.append(metrics)
+        if keep_dir is not None:
+            shutil.copy(ckpt_dir / CHECKPOINT_FILE, keep_dir / f"epoch{metrics['epoch']}.pt")
+    return report
+
+
 def small_sweep(name: str, tmp_path_factory) -> tuple[dict, str]:
     """A 2-trial smoke sweep on the digits demo logged to its own sqlite store:
     (its sweep_summary.json, the tracking URI)."""

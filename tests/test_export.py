@@ -14,7 +14,7 @@ from torchvision.models import get_model
 
 from sweeps.export import build_parser, main
 
-from conftest import ROOT, free_port, small_sweep
+from conftest import ROOT, assert_help_documents_every_flag, free_port, small_sweep
 
 pytestmark = pytest.mark.slow
 EXPORT = [sys.executable, str(ROOT / "sweeps" / "export.py")]
@@ -112,10 +112,4 @@ def test_bad_input_exits_2(sweep, tmp_path, capsys):
 
 
 def test_help_documents_every_flag(capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["--help"])
-    assert done.value.code == 0
-    out = capsys.readouterr().out
-    for action in build_parser()._actions:
-        assert action.help, action.option_strings
-        assert all(flag in out for flag in action.option_strings)
+    assert_help_documents_every_flag(main, build_parser, capsys)

@@ -15,7 +15,7 @@ from sweeps.predict import build_parser, main
 from trainables import demo
 from trainables.data import scan
 
-from conftest import ROOT, free_port, small_sweep
+from conftest import ROOT, assert_help_documents_every_flag, free_port, small_sweep
 
 pytestmark = pytest.mark.slow
 PREDICT = [sys.executable, str(ROOT / "sweeps" / "predict.py")]
@@ -143,10 +143,4 @@ def test_bad_input_exits_2_naming_the_problem(sweep, tmp_path, capsys):
 
 
 def test_help_documents_every_flag(capsys):
-    with pytest.raises(SystemExit) as done:
-        main(["--help"])
-    assert done.value.code == 0
-    out = capsys.readouterr().out
-    for action in build_parser()._actions:
-        assert action.help, action.option_strings
-        assert all(flag in out for flag in action.option_strings)
+    assert_help_documents_every_flag(main, build_parser, capsys)

@@ -3,7 +3,6 @@ recovery with the masks held, plain checkpoints, sparsity metrics and the smalle
 within an accuracy drop of the best."""
 
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -24,9 +23,9 @@ from trainables import prune
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, scan
 from trainables.models import build_model, freeze, stages
-from trainables.train import CHECKPOINT_FILE, run_trial
+from trainables.train import run_trial
 
-from conftest import run_sweep
+from conftest import collect, run_sweep
 
 
 @pytest.fixture
@@ -38,14 +37,6 @@ def tiny(**kw):
     base = dict(model="resnet18", weights="none", image_size=16, lr=0.05, batch_size=4, max_epochs=2,
                 decay_power=1.0, frozen_depth=2, prune_amount=0.6, recovery_epochs=2, seed=0)
     return TrialConfig(**{**base, **kw})
-
-
-def collect(into, keep_dir=None):
-    def report(metrics, ckpt_dir):
-        into.append(metrics)
-        if keep_dir is not None:
-            shutil.copy(ckpt_dir / CHECKPOINT_FILE, keep_dir / f"epoch{metrics['epoch']}.pt")
-    return report
 
 
 def weights_of(path: Path) -> dict:

@@ -1,11 +1,12 @@
-import shutil
 
 import pytest
 import torch
 
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, scan
-from trainables.train import CHECKPOINT_FILE, TrialDiverged, run_trial
+from trainables.train import TrialDiverged, run_trial
+
+from conftest import collect
 
 EPOCH_KEYS = {"epoch", "val_acc", "val_loss", "train_loss", "lr", "img_per_s"}
 
@@ -19,14 +20,6 @@ def tiny(**kw):
     base = dict(model="resnet18", weights="none", image_size=16, lr=0.05, batch_size=4,
                 max_epochs=3, decay_power=2.0, seed=0)
     return TrialConfig(**{**base, **kw})
-
-
-def collect(into, keep_dir=None):
-    def report(metrics, ckpt_dir):
-        into.append(metrics)
-        if keep_dir is not None:
-            shutil.copy(ckpt_dir / CHECKPOINT_FILE, keep_dir / f"epoch{metrics['epoch']}.pt")
-    return report
 
 
 def test_reports_every_epoch_with_a_polynomial_lr_over_the_whole_budget(handle):
