@@ -73,6 +73,8 @@ def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending
         "total_trial_epochs": total_epochs(results),
         "best": None, "sweep_dir": plan.sweep_dir, "model": plan.space.config().model,
         "dataset": plan.dataset_label, "unlogged_mlflow_writes": len(pending),
+        # how long the end of the sweep waited for the MLflow writer to catch up
+        "mlflow_wait_s": round(getattr(tracker.write, "wait_s", 0.0), 2),
     }
     if plan.is_local:
         summary["checkpoint_bytes"] = checkpoint_bytes(Path(plan.sweep_dir))

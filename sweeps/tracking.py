@@ -1,13 +1,13 @@
 """MLflow on the driver side: one parent run per sweep, one nested child run per trial.
 
 Only the driver writes (no sqlite lock storms from many trial processes). Every write
-goes through ``Writer``: it is retried, queued while the tracking server is away, and
-whatever could still not be sent at the end is kept on disk and reported.
+goes through one writer (``sweeps/writer.py``), in a child process of the driver while
+trials run: it is retried, queued while the tracking server is away, and whatever could
+still not be sent at the end is kept on disk and reported.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
@@ -16,10 +16,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from ray.tune import Callback
+
+from sweeps.writer import Writer, WriterProcess
 
 # best_val_acc (running max) ranks trials correctly in the MLflow UI, where a column shows
 # the last value and a trial may have peaked epochs before it ended. sparsity and
@@ -68,70 +69,10 @@ def git_commit() -> str:
         return "unknown"
 
 
-class Writer:
-    """Sends MLflow writes in order; keeps them queued while the server is unreachable.
-
-    Runs are named by a key ("parent" or a trial id) and created lazily, so a trial whose
-    child run could not be created yet still keeps its metrics queued behind it.
-    """
-
-    def __init__(self, client: MlflowClient, spool: Path | None = None, retry_s: float = 5.0):
-        self.client, self.spool, self.retry_s = client, spool, retry_s
-        self.run_ids: dict[str, str] = {}
-        self.queue: list[tuple[str, str, dict]] = []
-        self.failed_at = 0.0
-        self.last_error: Exception | None = None
-
-    def __call__(self, op: str, key: str, **kw) -> None:
-        self.queue.append((op, key, kw))
-        if time.monotonic() - self.failed_at >= self.retry_s:
-            self.flush()
-
-    def flush(self) -> bool:
-        while self.queue:
-            op, key, kw = self.queue[0]
-            try:
-                self._send(op, key, kw)
-            except Exception as e:  # any transport or server error: keep it, retry later
-                self.failed_at, self.last_error = time.monotonic(), e
-                self._write_spool()
-                return False
-            self.queue.pop(0)
-        self._write_spool()
-        return True
-
-    def _send(self, op: str, key: str, kw: dict) -> None:
-        if op == "create":
-            self.run_ids[key] = self.client.create_run(**kw).info.run_id
-        elif op == "batch":
-            self.client.log_batch(self.run_ids[key], metrics=[Metric(**m) for m in kw["metrics"]],
-                                  params=[Param(k, v) for k, v in kw.get("params", {}).items()],
-                                  tags=[RunTag(k, v) for k, v in kw.get("tags", {}).items()])
-        elif op == "end":
-            self.client.set_terminated(self.run_ids[key], status=kw["status"])
-        elif op == "reopen":
-            self.client.update_run(self.run_ids[key], status="RUNNING")
-        elif op == "artifact":
-            self.client.log_artifact(self.run_ids[key], kw["local_path"], kw.get("artifact_path"))
-        elif op == "artifacts":
-            self.client.log_artifacts(self.run_ids[key], kw["local_dir"], kw.get("artifact_path"))
-
-    def _write_spool(self) -> None:
-        if self.spool is None:
-            return
-        if not self.queue:
-            self.spool.unlink(missing_ok=True)
-            return
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.spool, "w") as f:
-            for op, key, kw in self.queue:
-                f.write(json.dumps({"op": op, "run": self.run_ids.get(key, key), **kw}) + "\n")
-
-
 class SweepTracker:
     """The sweep's parent run and the bookkeeping that maps trials to child runs."""
 
-    def __init__(self, plan, spool_dir: Path | None = None):
+    def __init__(self, plan, spool_dir: Path | None = None, background: bool = True):
         # Fail fast against a lost server instead of MLflow's default minutes of back-off;
         # Writer does its own retrying.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -143,11 +84,14 @@ class SweepTracker:
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
             plan.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
         spool = spool_dir / "mlflow_pending.jsonl" if spool_dir else None
-        self.write = Writer(self.client, spool)
+        self.write: Writer | WriterProcess = Writer(self.client, spool)
         self.trial_numbers: dict[str, int] = {}
         self.last_step: dict[str, int] = {}  # per trial: epochs already logged
         self.ended: set[str] = set()
-        self._start_parent()
+        self._start_parent()  # in this process: the sweep needs its parent run id now
+        self.started = set(self.write.run_ids) - {"parent"}  # trials that have a run, or one queued
+        if background:
+            self.write = WriterProcess(plan.tracking_uri, spool, self.write.run_ids, self.write.queue)
 
     def _runs(self, filter_string: str):
         return self.client.search_runs([self.experiment_id], filter_string, max_results=10000)
@@ -203,8 +147,9 @@ class SweepTracker:
 
     # --- per trial -------------------------------------------------------------------
     def start_trial(self, trial_id: str, config: dict) -> None:
-        if trial_id in self.write.run_ids or any(k == trial_id for _, k, _ in self.write.queue):
+        if trial_id in self.started:
             return  # a resumed or retried trial continues its own run
+        self.started.add(trial_id)
         number = self.trial_numbers[trial_id] = len(self.trial_numbers) + 1
         # A fixed recipe's lone trial says what it is; a sweep's trials say their settings.
         prefix = f"{self.plan.space.name} " if not self.plan.space.search else ""
@@ -243,7 +188,7 @@ class SweepTracker:
         for r in results:
             trial_id = trial_id_of(r)
             known.add(trial_id)
-            if trial_id and trial_id in self.write.run_ids and trial_id not in self.ended:
+            if trial_id and trial_id in self.started and trial_id not in self.ended:
                 outcome = outcome_of(r.metrics or {}, r.error is not None, max_epochs)
                 self.end_trial(trial_id, outcome, str(r.error or "")[-2000:] if r.error else "")
         for trial_id in set(self.trial_numbers) - known:
@@ -265,8 +210,7 @@ class SweepTracker:
         self.write("batch", "parent", metrics=[dict(key=k, value=float(v), timestamp=now, step=0)
                                                for k, v in metrics.items()])
         self.write("end", "parent", status="FAILED" if failed else "FINISHED")
-        self.write.flush()
-        return self.write.queue
+        return self.write.close()
 
 
 def trial_id_of(result) -> str:

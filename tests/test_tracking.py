@@ -4,7 +4,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.plan import UsageError
-from sweeps.tracking import Writer, check_tracking_uri, outcome_of, redact
+from sweeps.tracking import check_tracking_uri, outcome_of, redact
+from sweeps.writer import MERGE_LOOKBACK, Writer, WriterProcess
 
 
 class FlakyClient:
@@ -26,14 +27,15 @@ def test_writes_queue_while_the_server_is_down_and_land_in_order(tmp_path):
     exp = real.create_experiment("e")
     client = FlakyClient(real)
     write = Writer(client, spool=tmp_path / "pending.jsonl", retry_s=0)
-    write("create", "t1", experiment_id=exp, run_name="r")
     client.down = True
+    write("create", "t1", experiment_id=exp, run_name="r")
     for step in range(3):
         write("batch", "t1", metrics=[dict(key="val_acc", value=step / 10, timestamp=0, step=step)])
     write("end", "t1", status="FINISHED")
-    assert len(write.queue) == 4
+    assert len(write.queue) == 3  # the create, the three epochs merged into one batch, the end
     spooled = [json.loads(line) for line in (tmp_path / "pending.jsonl").read_text().splitlines()]
-    assert [s["op"] for s in spooled] == ["batch", "batch", "batch", "end"]
+    assert [s["op"] for s in spooled] == ["create", "batch", "end"]
+    assert [m["step"] for m in spooled[1]["metrics"]] == [0, 1, 2]
     client.down = False
     assert write.flush() and not write.queue
     assert not (tmp_path / "pending.jsonl").exists()
@@ -54,6 +56,78 @@ def test_a_run_that_could_not_be_created_yet_keeps_its_metrics_behind_it(tmp_pat
     client.down = False
     write.flush()
     assert real.get_metric_history(write.run_ids["t1"], "val_acc")[0].value == 0.5
+
+
+def test_queued_batches_merge_only_within_a_run_and_mlflows_limits():
+    write = Writer(client=None)
+    metric = dict(key="val_acc", value=0.5, timestamp=0, step=1)
+    write.add("create", "a", {})
+    write.add("batch", "a", {"params": {"lr": "0.1"}})
+    write.add("create", "b", {})
+    write.add("batch", "a", {"metrics": [metric]})  # joins a's batch across b's create
+    write.add("batch", "b", {"tags": {"outcome": "running"}})
+    write.add("end", "a", {"status": "FINISHED"})
+    write.add("batch", "a", {"tags": {"late": "1"}})  # after a's end: must not move before it
+    assert [(op, key) for op, key, _ in write.queue] == [
+        ("create", "a"), ("batch", "a"), ("create", "b"), ("batch", "b"), ("end", "a"), ("batch", "a")]
+    assert write.queue[1][2] == {"params": {"lr": "0.1"}, "metrics": [metric], "tags": {}}
+    full = Writer(client=None)
+    full.add("batch", "a", {"metrics": [metric] * 1000})
+    full.add("batch", "a", {"metrics": [metric]})  # over log_batch's 1000 metrics: a new batch
+    assert [len(kw["metrics"]) for _, _, kw in full.queue] == [1000, 1]
+    far = Writer(client=None)
+    far.add("batch", "a", {"metrics": [metric]})
+    for i in range(MERGE_LOOKBACK):
+        far.add("create", f"t{i}", {})
+    far.add("batch", "a", {"metrics": [metric]})  # too far back to look for
+    assert len(far.queue) == MERGE_LOOKBACK + 2
+
+
+def test_writer_process_sends_everything_by_close(tmp_path):
+    uri = f"sqlite:///{tmp_path}/m.db"
+    real = MlflowClient(uri)
+    exp = real.create_experiment("e")
+    parent = real.create_run(exp).info.run_id
+    write = WriterProcess(uri, tmp_path / "pending.jsonl", {"parent": parent})
+    write("create", "t1", experiment_id=exp, run_name="trial-1", tags={"outcome": "running"})
+    write("batch", "t1", params={"lr": "0.1"}, metrics=[])
+    for step in (1, 2, 3):
+        write("batch", "t1", metrics=[dict(key="val_acc", value=step / 10, timestamp=0, step=step)])
+    write("batch", "t1", metrics=[], tags={"outcome": "completed"})
+    write("end", "t1", status="FINISHED")
+    write("end", "parent", status="FINISHED")
+    assert write.close() == [] and write.last_error is None
+    run = real.get_run(write.run_ids["t1"])
+    assert run.data.params == {"lr": "0.1"} and run.data.tags["outcome"] == "completed"
+    assert [m.value for m in real.get_metric_history(run.info.run_id, "val_acc")] == [0.1, 0.2, 0.3]
+    assert run.info.status == real.get_run(parent).info.status == "FINISHED"
+    assert not (tmp_path / "pending.jsonl").exists()
+
+
+def test_writer_process_keeps_what_an_unreachable_server_did_not_get(tmp_path, monkeypatch):
+    from conftest import free_port
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # as SweepTracker sets it: fail fast
+
+    write = WriterProcess(f"http://127.0.0.1:{free_port()}", tmp_path / "pending.jsonl", {"parent": "p" * 32})
+    write("batch", "parent", metrics=[dict(key="best_val_acc", value=0.9, timestamp=0, step=0)])
+    write("end", "parent", status="FINISHED")
+    pending = write.close()
+    assert [op for op, _, _ in pending] == ["batch", "end"]
+    assert "127.0.0.1" in write.last_error
+    spooled = [json.loads(line) for line in (tmp_path / "pending.jsonl").read_text().splitlines()]
+    assert [(s["op"], s["run"]) for s in spooled] == [("batch", "p" * 32), ("end", "p" * 32)]
+
+
+def test_writes_after_the_writer_process_died_are_kept(tmp_path):
+    write = WriterProcess(f"sqlite:///{tmp_path}/m.db", tmp_path / "pending.jsonl", {"parent": "p" * 32})
+    write._proc.kill()
+    write._proc.wait()
+    write("end", "parent", status="FINISHED")
+    pending = write.close()
+    assert pending == [("end", "parent", {"status": "FINISHED"})]
+    assert "exited with code -9" in write.last_error
+    assert json.loads((tmp_path / "pending.jsonl").read_text())["op"] == "end"
 
 
 def test_unreachable_server_fails_fast_naming_the_uri():

@@ -1,0 +1,243 @@
+"""Every MLflow write of a sweep, in order, retried and never silently dropped.
+
+``Writer`` sends the writes itself. ``WriterProcess`` hands them to a ``Writer`` in a child
+process (``python sweeps/writer.py``), so Ray Tune's controller loop never waits on the
+tracking server or spends its CPU time on it: a write costs the driver a JSON line on a
+pipe. The child merges the writes that queue up behind a slow or absent server into one
+``log_batch`` per run, and when the driver closes it (or dies), sends what is left and
+keeps anything it still could not send in the spool file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script (the child process): make the project importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+# MLflow's limits on one log_batch call
+BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
+WRITER_NICENESS = 10
+MERGE_LOOKBACK = 64  # queued writes searched for a batch of the same run to merge into
+
+
+class Writer:
+    """Sends MLflow writes in order; keeps them queued while the server is unreachable.
+
+    Runs are named by a key ("parent" or a trial id) and created lazily, so a trial whose
+    child run could not be created yet still keeps its metrics queued behind it.
+    """
+
+    def __init__(self, client, spool: Path | None = None, retry_s: float = 5.0):
+        self.client, self.spool, self.retry_s = client, spool, retry_s
+        self.run_ids: dict[str, str] = {}
+        self.queue: list[tuple[str, str, dict]] = []
+        self.failed_at = 0.0
+        self.last_error: Exception | None = None
+
+    def __call__(self, op: str, key: str, **kw) -> None:
+        self.add(op, key, kw)
+        if time.monotonic() - self.failed_at >= self.retry_s:
+            self.flush()
+
+    def add(self, op: str, key: str, kw: dict) -> None:
+        """Queue one write; a batch joins the run's queued batch when nothing came between."""
+        if op == "batch":
+            for i in range(len(self.queue) - 1, max(len(self.queue) - MERGE_LOOKBACK, 0) - 1, -1):
+                q_op, q_key, q_kw = self.queue[i]
+                if q_key != key:
+                    continue
+                if q_op == "batch" and _fits(q_kw, kw):
+                    self.queue[i] = (op, key, _merged(q_kw, kw))
+                    return
+                break
+        self.queue.append((op, key, kw))
+
+    def flush(self) -> bool:
+        while self.queue:
+            op, key, kw = self.queue[0]
+            try:
+                self._send(op, key, kw)
+            except Exception as e:  # any transport or server error: keep it, retry later
+                self.failed_at, self.last_error = time.monotonic(), e
+                self._write_spool()
+                return False
+            self.queue.pop(0)
+        self._write_spool()
+        return True
+
+    def close(self) -> list:
+        """One last try; returns the writes that could still not be sent."""
+        self.flush()
+        return self.queue
+
+    def _send(self, op: str, key: str, kw: dict) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        if op == "create":
+            self.run_ids[key] = self.client.create_run(**kw).info.run_id
+        elif op == "batch":
+            self.client.log_batch(self.run_ids[key], metrics=[Metric(**m) for m in kw.get("metrics", ())],
+                                  params=[Param(k, v) for k, v in kw.get("params", {}).items()],
+                                  tags=[RunTag(k, v) for k, v in kw.get("tags", {}).items()])
+        elif op == "end":
+            self.client.set_terminated(self.run_ids[key], status=kw["status"])
+        elif op == "reopen":
+            self.client.update_run(self.run_ids[key], status="RUNNING")
+        elif op == "artifact":
+            self.client.log_artifact(self.run_ids[key], kw["local_path"], kw.get("artifact_path"))
+        elif op == "artifacts":
+            self.client.log_artifacts(self.run_ids[key], kw["local_dir"], kw.get("artifact_path"))
+        else:
+            raise ValueError(f"unknown MLflow write {op!r}")
+
+    def _write_spool(self) -> None:
+        if self.spool is None:
+            return
+        if not self.queue:
+            self.spool.unlink(missing_ok=True)
+            return
+        self.spool.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.spool, "w") as f:
+            for op, key, kw in self.queue:
+                f.write(json.dumps({"op": op, "run": self.run_ids.get(key, key), **kw}) + "\n")
+
+
+def _fits(a: dict, b: dict) -> bool:
+    return all(len(a.get(k, ())) + len(b.get(k, ())) <= n for k, n in BATCH_LIMITS.items())
+
+
+def _merged(a: dict, b: dict) -> dict:
+    return {"metrics": [*a.get("metrics", ()), *b.get("metrics", ())],
+            "params": {**a.get("params", {}), **b.get("params", {})},
+            "tags": {**a.get("tags", {}), **b.get("tags", {})}}
+
+
+class WriterProcess:
+    """The driver's end of a ``Writer`` running in a child process.
+
+    Calls return at once. ``close()`` waits for the child to send everything, then holds
+    what a synchronous ``Writer`` would: ``run_ids``, ``queue`` (the writes that could not
+    be sent, also in the spool file) and ``last_error``; ``wait_s`` is how long it waited.
+    """
+
+    def __init__(self, tracking_uri: str, spool: Path | None, run_ids: dict[str, str],
+                 queued: list | None = None):
+        self.spool, self.run_ids = spool, dict(run_ids)
+        self.queue: list = []
+        self.last_error: Exception | str | None = None
+        self.wait_s = 0.0
+        self._result = Path(tempfile.mkstemp(prefix="ftsweep-writer-", suffix=".json")[1])
+        self._proc = subprocess.Popen(
+            [sys.executable, str(Path(__file__).resolve()), tracking_uri, str(spool or ""), str(self._result)],
+            stdin=subprocess.PIPE, text=True)
+        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        self._unsent: list[str] = []
+        self._feeder = threading.Thread(target=self._feed, name="mlflow-writer-feed", daemon=True)
+        self._feeder.start()
+        self._put({"run_ids": run_ids, "queue": [list(q) for q in queued or ()]})
+
+    def __call__(self, op: str, key: str, **kw) -> None:
+        self._put({"op": op, "key": key, "kw": kw})
+
+    def _put(self, message: dict) -> None:
+        self._lines.put(json.dumps(message))
+
+    def _feed(self) -> None:
+        """Writes the queued lines to the child; a blocked pipe blocks only this thread."""
+        while (line := self._lines.get()) is not None:
+            if self._unsent:  # the child is gone: keep the rest for the spool
+                self._unsent.append(line)
+                continue
+            try:
+                self._proc.stdin.write(line + "\n")
+                self._proc.stdin.flush()
+            except (BrokenPipeError, OSError, ValueError):
+                self._unsent.append(line)
+
+    def close(self, timeout: float = 600) -> list:
+        started = time.monotonic()
+        self._lines.put(None)
+        self._feeder.join()
+        try:
+            self._proc.stdin.close()
+        except (BrokenPipeError, OSError):
+            pass
+        try:
+            code = self._proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            code = self._proc.wait()
+        self.wait_s = time.monotonic() - started
+        try:
+            result = json.loads(self._result.read_text())
+        except (OSError, ValueError):
+            result = None
+        self._result.unlink(missing_ok=True)
+        if result is None:  # the child died: what it had not sent is lost, what it never got is kept
+            self.last_error = f"the MLflow writer process exited with code {code}"
+            messages = (json.loads(line) for line in self._unsent)
+            self.queue = [(m["op"], m["key"], m["kw"]) for m in messages if "op" in m]
+            self._spool(self.queue)
+            return self.queue
+        self.run_ids.update(result["run_ids"])
+        self.queue = [tuple(q) for q in result["queue"]]
+        self.last_error = result["last_error"]
+        return self.queue
+
+    def _spool(self, writes: list) -> None:
+        spooler = Writer(None, self.spool)
+        spooler.run_ids, spooler.queue = self.run_ids, list(writes)
+        spooler._write_spool()
+
+
+def serve(tracking_uri: str, spool: str, result: str) -> int:
+    """The child: read writes from stdin, send them, and at end of input send the rest
+    and write ``{"run_ids", "queue", "last_error"}`` to ``result``."""
+    from mlflow.tracking import MlflowClient
+
+    os.nice(WRITER_NICENESS)  # trials and Tune's controller come first; the writer takes idle time
+    lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+
+    def read() -> None:
+        for line in sys.stdin:
+            lines.put(line)
+        lines.put(None)
+
+    threading.Thread(target=read, name="mlflow-writer-read", daemon=True).start()
+    writer = Writer(MlflowClient(tracking_uri), Path(spool) if spool else None)
+    state = json.loads(lines.get() or "{}")
+    writer.run_ids.update(state.get("run_ids", {}))
+    writer.queue.extend(tuple(q) for q in state.get("queue", ()))
+    done = False
+    while not done:
+        try:  # wait for work; with writes queued behind a failure, only until the next retry
+            line = lines.get(timeout=writer.retry_s if writer.queue else None)
+        except queue.Empty:
+            line = ""
+        while line is not None:  # take every write that is waiting: they merge into fewer calls
+            if line:
+                m = json.loads(line)
+                writer.add(m["op"], m["key"], m["kw"])
+            try:
+                line = lines.get_nowait()
+            except queue.Empty:
+                break
+        done = line is None
+        if done or time.monotonic() - writer.failed_at >= writer.retry_s:
+            writer.flush()
+    Path(result).write_text(json.dumps({"run_ids": writer.run_ids, "queue": [list(q) for q in writer.queue],
+                                        "last_error": str(writer.last_error) if writer.last_error else None}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(serve(*sys.argv[1:4]))
