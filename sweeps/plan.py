@@ -13,6 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from search_spaces.loader import Space, SpaceError, load_space
+from sweeps import storage
 from sweeps.cli import parse_sets
 from sweeps.warm_start import WarmStart, earlier_trials
 from trainables import demo
@@ -45,7 +46,9 @@ class Plan:
 
     @property
     def sweep_dir(self) -> str:
-        return f"{self.storage.rstrip('/')}/{self.name}"
+        """The sweep's folder: a path, or a URI that keeps the storage URI's query
+        (``s3://bucket/sweeps/NAME?endpoint_override=...``)."""
+        return storage.join(self.storage, self.name)
 
     @property
     def total_epochs(self) -> int:

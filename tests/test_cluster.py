@@ -3,11 +3,16 @@
 Both nodes run on this machine: the head, and a worker that calls itself 127.0.0.2
 (Linux answers on all of 127.0.0.0/8), so a trial's ``node_ip`` says which node ran it.
 As on a production cluster, the head runs the job's driver and no trials (0 CPUs); the
-worker's 2 CPUs run them. (With a CPU on each node, "one trial per node" could not be
-asserted: Tune hands a finished trial's actor to a trial whose own actor on the other
-node is still starting.) Each node has its own temp dir, ports and process session; the
-fixture stops exactly those sessions and checks nothing of them is left (never ``ray
-stop``: it would stop every Ray on the machine, other tests' included).
+worker's CPUs run them. The worker declares 3 CPUs, room for three trials at once, so
+the sweep's ``--max-concurrent 2`` is what keeps a third one from starting. (With CPUs
+on both nodes, which node a trial lands on is a race: Ray may place every trial on one
+node, and Tune hands a finished trial's actor to a trial whose own actor on the other
+node is still starting, so "trials ran on both nodes" could not be asserted.) Each node
+has its own ``FTSWEEP_CACHE``, as nodes with their own disks would, so where the decoded
+images were built shows whether that happened once per node. Each node also has its own
+temp dir, ports and process session; the fixture stops exactly those sessions and checks
+nothing of them is left (never ``ray stop``: it would stop every Ray on the machine,
+other tests' included).
 """
 
 from __future__ import annotations
@@ -45,12 +50,21 @@ class Cluster:
     url: str  # the dashboard, where jobs are submitted
     env: dict  # a client's environment: RAY_AUTH_MODE=token and the token's file
     root: Path
+    head_cache: Path  # FTSWEEP_CACHE of the head's processes, the job's driver included
+    worker_cache: Path  # FTSWEEP_CACHE of the worker's processes
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
+def ray_cluster(cache_dir):
     # Short: Ray's unix sockets live under the temp dir and their paths are limited to 107 bytes.
     root = Path(tempfile.mkdtemp(prefix="ftr-", dir="/tmp"))
+    head_cache, worker_cache = root / "head-cache", root / "worker-cache"
+    # The head's cache borrows the demo's images and pretrained backbone from the tests'
+    # cache (trained once) but decodes into a folder of its own; the worker's starts empty.
+    head_cache.mkdir()
+    for shared in ("digits", "backbones"):
+        (cache_dir / shared).mkdir(parents=True, exist_ok=True)
+        (head_cache / shared).symlink_to(cache_dir / shared)
     token = root / "auth_token"
     token.write_text(secrets.token_hex(32))
     env = {k: v for k, v in os.environ.items()
@@ -65,13 +79,15 @@ def ray_cluster():
         _ray_start(["--head", "--node-ip-address", "127.0.0.1", "--port", gcs,
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", dashboard,
                     "--ray-client-server-port", free_port(), "--dashboard-agent-listen-port", free_port(),
-                    "--num-cpus", 0, "--temp-dir", root / "head"], env, root / "head.log", sessions)
+                    "--num-cpus", 0, "--temp-dir", root / "head"],
+                   {**env, "FTSWEEP_CACHE": str(head_cache)}, root / "head.log", sessions)
         _ray_start(["--address", f"127.0.0.1:{gcs}", "--node-ip-address", WORKER_IP,
-                    "--dashboard-agent-listen-port", free_port(), "--num-cpus", 2,
-                    "--temp-dir", root / "worker"], env, root / "worker.log", sessions)
+                    "--dashboard-agent-listen-port", free_port(), "--num-cpus", 3,
+                    "--temp-dir", root / "worker"],
+                   {**env, "FTSWEEP_CACHE": str(worker_cache)}, root / "worker.log", sessions)
         url = f"http://127.0.0.1:{dashboard}"
         _wait_for_nodes(url, token.read_text(), 2)
-        yield Cluster(url, env, root)
+        yield Cluster(url, env, root, head_cache, worker_cache)
     finally:
         left = _stop(sessions, root)
         assert not left, f"processes of the test's Ray cluster still running: {left}"
@@ -174,17 +190,21 @@ def test_ray_job_submit_runs_the_shared_storage_check_on_every_node(ray_cluster,
     assert not list(shared.glob(".ftsweep-probe-*"))  # the probe file is cleaned up
 
 
-def test_submitted_sweep_runs_its_trials_on_another_node(ray_cluster, mlflow_server, cache_dir, tmp_path):
+TRIALS, MAX_CONCURRENT = 6, 2  # the worker has room for 3 trials at once: the limit is --max-concurrent's
+
+
+def test_submitted_sweep_runs_on_the_worker_within_max_concurrent_decoding_once_per_node(
+        ray_cluster, mlflow_server, tmp_path):
     shared = tmp_path / "shared"  # every node of this cluster sees it: they share a machine
     name = f"cluster-{uuid.uuid4().hex[:6]}"
     job_id = f"ftsweep-{name}"
     # No RAY_AUTH_MODE here: submit.py sends the token from RAY_AUTH_TOKEN_PATH regardless.
+    # No --env FTSWEEP_CACHE either: it would give every node the same cache folder.
     env = {k: v for k, v in ray_cluster.env.items() if k != "RAY_AUTH_MODE"}
     proc = subprocess.run(
-        [*SUBMIT, "--address", ray_cluster.url, "--submission-id", job_id,
-         "--env", f"FTSWEEP_CACHE={cache_dir}", "--",
-         "--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", name,
-         "--storage", str(shared), "--tracking-uri", mlflow_server],
+        [*SUBMIT, "--address", ray_cluster.url, "--submission-id", job_id, "--",
+         "--space", "smoke", "--trials", str(TRIALS), "--max-epochs", "1", "--name", name,
+         "--max-concurrent", str(MAX_CONCURRENT), "--storage", str(shared), "--tracking-uri", mlflow_server],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"job {job_id} SUCCEEDED" in proc.stderr
@@ -192,7 +212,7 @@ def test_submitted_sweep_runs_its_trials_on_another_node(ray_cluster, mlflow_ser
     sweep_dir = shared.resolve() / name
     assert proc.stdout.strip().splitlines()[-1] == str(sweep_dir / "sweep_summary.json")
     summary = json.loads((sweep_dir / "sweep_summary.json").read_text())
-    assert sum(summary["trials"].values()) == 2 and summary["trials"]["errored"] == 0
+    assert sum(summary["trials"].values()) == TRIALS and summary["trials"]["errored"] == 0
     assert Path(summary["best"]["checkpoint"]).is_file()
 
     # The driver ran on the head, the trials on the worker: their checkpoints crossed nodes.
@@ -200,18 +220,51 @@ def test_submitted_sweep_runs_its_trials_on_another_node(ray_cluster, mlflow_ser
     token = Path(ray_cluster.env["RAY_AUTH_TOKEN_PATH"]).read_text()
     driver_node = nodes[_get(f"{ray_cluster.url}/api/jobs/{job_id}", token)["driver_node_id"]]
     assert driver_node["is_head_node"] and driver_node["node_ip"] != WORKER_IP
-    results = [json.loads(line) for f in sweep_dir.glob("trial_*/result.json")
-               for line in f.read_text().splitlines() if line.strip()]
-    assert len({r["trial_id"] for r in results}) == 2
-    assert {r["node_ip"] for r in results} == {WORKER_IP}
+    trials = _trial_results(sweep_dir)
+    assert len(trials) == TRIALS
+    assert {r["node_ip"] for results in trials.values() for r in results} == {WORKER_IP}
+
+    # --max-concurrent: never more trials at once than asked, though the worker had room for one more.
+    spans = [(results[0]["started_at"], results[-1]["reported_at"]) for results in trials.values()]
+    assert _most_at_once(spans) == MAX_CONCURRENT, sorted(spans)
+    assert len({r["pid"] for results in trials.values() for r in results}) >= 2  # trials in separate processes
+
+    # Decoded once per node: by the driver into the head's cache, and by one trial into the
+    # worker's (its own FTSWEEP_CACHE, from the environment of its `ray start`). Every other
+    # trial, in either of the worker's trial processes, read the worker's copy.
+    images = sum(1 for _ in (ray_cluster.head_cache / "digits" / "5-9").rglob("*.png"))
+    datasets = {cache: [p.name for p in (cache / "decoded").glob("*") if p.is_dir()]
+                for cache in (ray_cluster.head_cache, ray_cluster.worker_cache)}
+    assert all(len(found) == 1 for found in datasets.values()), datasets
+    assert len({found[0] for found in datasets.values()}) == 1  # the same dataset at the same size
+    decodes = sorted(results[-1]["decodes_in_trial"] for results in trials.values())
+    assert decodes == [0] * (TRIALS - 1) + [images], decodes
 
     client = MlflowClient(mlflow_server)
     runs = client.search_runs([summary["experiment_id"]], f"tags.`ftsweep.sweep` = '{name}'")
     parents = [r for r in runs if r.data.tags.get("ftsweep.role") == "parent"]
-    trials = [r for r in runs if r.data.tags.get("ftsweep.role") == "trial"]
+    children = [r for r in runs if r.data.tags.get("ftsweep.role") == "trial"]
     assert [p.info.run_id for p in parents] == [summary["parent_run_id"]]
-    assert len(trials) == 2
-    assert {t.data.tags["mlflow.parentRunId"] for t in trials} == {summary["parent_run_id"]}
+    assert {c.data.tags["ftsweep.trial_id"] for c in children} == set(trials)
+    assert {c.data.tags["mlflow.parentRunId"] for c in children} == {summary["parent_run_id"]}
+
+
+def _trial_results(sweep_dir: Path) -> dict[str, list[dict]]:
+    """Each trial's results, in the order it reported them (its result.json)."""
+    return {f.parent.name.removeprefix("trial_"): [json.loads(line) for line in f.read_text().splitlines()
+                                                   if line.strip()]
+            for f in sweep_dir.glob("trial_*/result.json")}
+
+
+def _most_at_once(spans: list[tuple[float, float]]) -> int:
+    """The most of the (start, end) intervals that cover one moment."""
+    # At the same instant an end comes before a start: touching intervals do not overlap.
+    events = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    running = most = 0
+    for _, change in events:
+        running += change
+        most = max(most, running)
+    return most
 
 
 def test_submit_without_token_exits_2_naming_where_to_put_it(ray_cluster, tmp_path):

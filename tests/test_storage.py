@@ -1,14 +1,27 @@
-"""sweeps/storage.py on a local folder and on a ``file://`` URI, through pyarrow as Ray Tune
-uses it. (s3:// and gs:// take the same code path but need a bucket: not tested here.)
-The multi-node check runs on a real two-node cluster in test_cluster.py."""
+"""sweeps/storage.py on a local folder, on a ``file://`` URI and on an ``s3://`` bucket (a
+moto S3 server on 127.0.0.1), through pyarrow as Ray Tune uses it. The multi-node check
+runs on a real two-node cluster in test_cluster.py."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 import pytest
 
 from sweeps import storage
+from sweeps.plan import Plan
+
+from conftest import RUN, free_port, run_sweep, stop_group, wait_http
+
+# Dummy credentials for the moto server; the sweep's driver passes them on to the local Ray
+# it starts, so its trials upload their checkpoints with them too.
+S3_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
+          "AWS_DEFAULT_REGION": "us-east-1", "AWS_EC2_METADATA_DISABLED": "true"}
 
 
 @pytest.fixture(params=["path", "uri"])
@@ -31,6 +44,16 @@ def test_join_keeps_a_uris_query_last():
     assert storage.join("s3://bucket/sweeps?region=eu-west-1", "s1", "sweep_summary.json") == \
         "s3://bucket/sweeps/s1/sweep_summary.json?region=eu-west-1"
     assert storage.join("/data/a?b", "c") == "/data/a?b/c"  # a '?' in a plain path is just a name
+
+
+def test_a_sweep_under_a_uri_with_a_query_keeps_the_query_last():
+    uri = "s3://bucket/sweeps?endpoint_override=127.0.0.1:9000&scheme=http"
+    plan = SimpleNamespace(storage=uri, name="nightly")
+    assert Plan.sweep_dir.fget(plan) == "s3://bucket/sweeps/nightly?endpoint_override=127.0.0.1:9000&scheme=http"
+    assert Plan.sweep_dir.fget(SimpleNamespace(storage="/shared/sweeps/", name="nightly")) == "/shared/sweeps/nightly"
+    folder = storage.SweepFolder(Plan.sweep_dir.fget(plan))
+    assert folder.remote and folder.location("best", "model.pt") == \
+        "s3://bucket/sweeps/nightly/best/model.pt?endpoint_override=127.0.0.1:9000&scheme=http"
 
 
 def test_write_read_and_replace_text(location, tmp_path):
@@ -111,3 +134,95 @@ def test_a_sweep_writes_its_summary_and_best_model_through_a_storage_uri(tmp_pat
     assert summary["best"]["checkpoint"] == f"{uri}/via-uri/best/model.pt"
     assert storage.exists(summary["best"]["checkpoint"])
     assert len(list((tmp_path / "store" / "via-uri").glob("trial_*/checkpoint_*"))) >= 2
+
+
+@pytest.fixture
+def s3_bucket(tmp_path):
+    """A moto S3 server on 127.0.0.1, in its own process group, with an empty bucket
+    ``sweeps``: yields the ``--storage`` URI of a folder in it and a boto3 client."""
+    import boto3
+
+    port = free_port()
+    log = open(tmp_path / "moto.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                            env={**os.environ, **S3_ENV}, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(endpoint, proc=proc)
+        client = boto3.client("s3", endpoint_url=endpoint, region_name=S3_ENV["AWS_DEFAULT_REGION"],
+                              aws_access_key_id=S3_ENV["AWS_ACCESS_KEY_ID"],
+                              aws_secret_access_key=S3_ENV["AWS_SECRET_ACCESS_KEY"])
+        client.create_bucket(Bucket="sweeps")
+        yield f"s3://sweeps/results?endpoint_override=127.0.0.1:{port}&scheme=http", client
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+def _keys(client, prefix: str) -> set[str]:
+    pages = client.get_paginator("list_objects_v2").paginate(Bucket="sweeps", Prefix=prefix)
+    return {obj["Key"] for page in pages for obj in page.get("Contents", [])}
+
+
+@pytest.mark.slow
+def test_a_sweep_killed_and_resumed_on_s3_keeps_summary_checkpoints_and_best_model_in_the_bucket(
+        s3_bucket, tmp_path, cache_dir):
+    import io
+
+    import torch
+    from mlflow.tracking import MlflowClient
+
+    uri, s3 = s3_bucket
+    trials, tracking = 4, f"sqlite:///{tmp_path}/mlflow.db"
+    args = ["--space", "smoke", "--trials", str(trials), "--max-epochs", "2", "--name", "on-s3",
+            "--storage", uri, "--tracking-uri", tracking]
+    driver = subprocess.Popen([*RUN, *args], cwd=tmp_path, env={**os.environ, **S3_ENV},
+                              stdout=open(tmp_path / "first.log", "w"), stderr=subprocess.STDOUT,
+                              start_new_session=True)
+    client = MlflowClient(tracking)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and driver.poll() is None and not _ended_trials(client):
+            time.sleep(0.5)
+        assert driver.poll() is None, "the sweep finished (or failed) before it could be killed:\n" + \
+            (tmp_path / "first.log").read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGKILL)  # no cleanup: only what already is in the bucket survives
+        driver.wait()
+    finally:
+        stop_group(driver)  # and the local Ray it started
+    parent = _runs(client, "parent")[0].info.run_id
+    assert not _keys(s3, "results/on-s3/sweep_summary.json")  # written at the end only
+
+    again = run_sweep([*args, "--resume"], tmp_path, env=S3_ENV)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "ASHA: rungs rebuilt from" in again.stdout  # the trials' results came back from the bucket
+    printed = again.stdout.strip().splitlines()[-1]
+    assert printed == storage.join(uri, "on-s3", "sweep_summary.json")
+
+    keys = _keys(s3, "results/on-s3/")
+    summary = json.loads(s3.get_object(Bucket="sweeps", Key="results/on-s3/sweep_summary.json")["Body"].read())
+    assert summary["parent_run_id"] == parent and sum(summary["trials"].values()) == trials
+    assert summary["best"]["checkpoint"] == storage.join(uri, "on-s3", "best", "model.pt")
+    meta = json.loads(s3.get_object(Bucket="sweeps", Key="results/on-s3/best/meta.json")["Body"].read())
+    assert meta["val_acc"] == summary["best"]["val_acc"]
+    model = s3.get_object(Bucket="sweeps", Key="results/on-s3/best/model.pt")["Body"].read()
+    assert "fc.weight" in torch.load(io.BytesIO(model), weights_only=True)
+    # Every trial of the sweep, each counted once, left its checkpoint in the bucket.
+    trial_ids = {r.data.tags["ftsweep.trial_id"] for r in _runs(client, "trial")}
+    assert len(trial_ids) == trials
+    for trial_id in trial_ids:
+        assert any(k.startswith(f"results/on-s3/trial_{trial_id}/checkpoint_") and k.endswith("/checkpoint.pt")
+                   for k in keys), (trial_id, sorted(keys))
+
+
+def _runs(client, role: str) -> list:
+    experiment = client.get_experiment_by_name("ftsweep-digits5-9")
+    if experiment is None:
+        return []
+    return client.search_runs([experiment.experiment_id],
+                              f"tags.`ftsweep.sweep` = 'on-s3' and tags.`ftsweep.role` = '{role}'")
+
+
+def _ended_trials(client) -> list:
+    return [r for r in _runs(client, "trial") if r.data.tags.get("outcome") != "running"]

@@ -55,6 +55,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         model.to(memory_format=torch.channels_last)
 
     gen = torch.Generator().manual_seed(cfg.seed)
+    decodes_before = data_module.DECODE_COUNT  # a cache built on this node by this trial counts
     train, val, start = make_batches(cfg, data, model, staged, device, gen)
 
     # Listed before any pruning: pruning re-registers each weight as weight_orig, which
@@ -78,7 +79,6 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         gen.set_state(ckpt["generator"])
 
     step = Step(model, staged, cfg, optimizer, scheduler, device, start)
-    decodes_before = data_module.DECODE_COUNT
     metrics: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.total_epochs + 1):
         if epoch > cfg.max_epochs and not state["pruned"]:  # fine-tuned: prune, then recover
