@@ -10,6 +10,8 @@ keeps anything it still could not send in the spool file.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import queue
@@ -25,8 +27,13 @@ if __package__ in (None, ""):  # run as a script (the child process): make the p
 
 # MLflow's limits on one log_batch call
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
-WRITER_NICENESS = 10
 MERGE_LOOKBACK = 64  # queued writes searched for a batch of the same run to merge into
+F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+PIPE_BYTES = 1 << 20
+# Training and Tune's controller loop come first; the writer gets about a tenth of a busy
+# core's time. Its backlog stays small (queued batches of one run merge), and at the end of
+# the sweep, with the machine idle, it catches up at full speed while the driver waits.
+WRITER_NICENESS = 10
 
 
 class Writer:
@@ -124,9 +131,12 @@ def _merged(a: dict, b: dict) -> dict:
 class WriterProcess:
     """The driver's end of a ``Writer`` running in a child process.
 
-    Calls return at once. ``close()`` waits for the child to send everything, then holds
-    what a synchronous ``Writer`` would: ``run_ids``, ``queue`` (the writes that could not
-    be sent, also in the spool file) and ``last_error``; ``wait_s`` is how long it waited.
+    Calls return at once: a write is a JSON line put on the child's stdin without blocking
+    (a full pipe keeps the rest here until the next call), from the caller's own thread, so
+    Tune's controller never hands the GIL to a helper thread. ``close()`` waits for the
+    child to send everything, then holds what a synchronous ``Writer`` would: ``run_ids``,
+    ``queue`` (the writes that could not be sent, also in the spool file) and
+    ``last_error``; ``wait_s`` is how long it waited.
     """
 
     def __init__(self, tracking_uri: str, spool: Path | None, run_ids: dict[str, str],
@@ -138,39 +148,39 @@ class WriterProcess:
         self._result = Path(tempfile.mkstemp(prefix="ftsweep-writer-", suffix=".json")[1])
         self._proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), tracking_uri, str(spool or ""), str(self._result)],
-            stdin=subprocess.PIPE, text=True)
-        self._lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
-        self._unsent: list[str] = []
-        self._feeder = threading.Thread(target=self._feed, name="mlflow-writer-feed", daemon=True)
-        self._feeder.start()
+            stdin=subprocess.PIPE)
+        self._fd = self._proc.stdin.fileno()
+        os.set_blocking(self._fd, False)
+        with contextlib.suppress(OSError):  # Linux: room for a few thousand writes
+            fcntl.fcntl(self._fd, F_SETPIPE_SZ, PIPE_BYTES)
+        self._unsent = bytearray()  # written by us, not yet taken by the pipe
+        self._child_gone = False
         self._put({"run_ids": run_ids, "queue": [list(q) for q in queued or ()]})
 
     def __call__(self, op: str, key: str, **kw) -> None:
         self._put({"op": op, "key": key, "kw": kw})
 
     def _put(self, message: dict) -> None:
-        self._lines.put(json.dumps(message))
+        self._unsent += json.dumps(message).encode() + b"\n"
+        self._push()
 
-    def _feed(self) -> None:
-        """Writes the queued lines to the child; a blocked pipe blocks only this thread."""
-        while (line := self._lines.get()) is not None:
-            if self._unsent:  # the child is gone: keep the rest for the spool
-                self._unsent.append(line)
-                continue
+    def _push(self) -> None:
+        while self._unsent and not self._child_gone:
             try:
-                self._proc.stdin.write(line + "\n")
-                self._proc.stdin.flush()
-            except (BrokenPipeError, OSError, ValueError):
-                self._unsent.append(line)
+                sent = os.write(self._fd, self._unsent)
+            except BlockingIOError:
+                return  # the child is busy: the rest goes with the next write
+            except OSError:  # BrokenPipeError: the child is gone; keep everything for the spool
+                self._child_gone = True
+                return
+            del self._unsent[:sent]
 
     def close(self, timeout: float = 600) -> list:
         started = time.monotonic()
-        self._lines.put(None)
-        self._feeder.join()
-        try:
+        os.set_blocking(self._fd, True)
+        self._push()
+        with contextlib.suppress(OSError):
             self._proc.stdin.close()
-        except (BrokenPipeError, OSError):
-            pass
         try:
             code = self._proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
@@ -184,8 +194,12 @@ class WriterProcess:
         self._result.unlink(missing_ok=True)
         if result is None:  # the child died: what it had not sent is lost, what it never got is kept
             self.last_error = f"the MLflow writer process exited with code {code}"
-            messages = (json.loads(line) for line in self._unsent)
-            self.queue = [(m["op"], m["key"], m["kw"]) for m in messages if "op" in m]
+            self.queue = []
+            for line in self._unsent.decode(errors="replace").splitlines():
+                with contextlib.suppress(ValueError):  # the tail of a line the child had taken
+                    m = json.loads(line)
+                    if "op" in m:
+                        self.queue.append((m["op"], m["key"], m["kw"]))
             self._spool(self.queue)
             return self.queue
         self.run_ids.update(result["run_ids"])
@@ -204,7 +218,7 @@ def serve(tracking_uri: str, spool: str, result: str) -> int:
     and write ``{"run_ids", "queue", "last_error"}`` to ``result``."""
     from mlflow.tracking import MlflowClient
 
-    os.nice(WRITER_NICENESS)  # trials and Tune's controller come first; the writer takes idle time
+    os.nice(WRITER_NICENESS)
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
     def read() -> None:
