@@ -111,15 +111,37 @@ def _prepare(args, log) -> Plan:
             "their list is logged with the sweep as skipped_files.txt")
     storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
     label = "digits5-9" if is_demo else root.name
+    name, experiment = _sweep_name(args, space, storage), args.experiment or f"ftsweep-{label}"
+    trials = args.trials or space.trials
+    if args.resume:
+        trials = _resumed_trials(args.tracking_uri, experiment, name, args.trials) or trials
     return Plan(
-        space=space, data=data, name=_sweep_name(args, space, storage), storage=storage,
-        tracking_uri=args.tracking_uri, experiment=args.experiment or f"ftsweep-{label}",
+        space=space, data=data, name=name, storage=storage,
+        tracking_uri=args.tracking_uri, experiment=experiment,
         dataset_label=label,
         resources={"cpu": args.cpus_per_trial, "gpu": args.gpus_per_trial},
-        max_concurrent=args.max_concurrent, trials=args.trials or space.trials,
+        max_concurrent=args.max_concurrent, trials=trials,
         time_budget=args.time_budget, max_failures=args.max_failures, resume=args.resume,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), warm_start=start,
         max_acc_drop=max_acc_drop)
+
+
+def _resumed_trials(uri: str, experiment: str, name: str, asked: int | None) -> int | None:
+    """The trial count a resumed sweep started with (its MLflow parent run says; Ray Tune
+    restores it whatever --trials says). A different --trials is an error, not ignored."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment)
+    runs = client.search_runs([exp.experiment_id], f"tags.`ftsweep.sweep` = '{name}' and "
+                              "tags.`ftsweep.role` = 'parent'", max_results=1) if exp else []
+    logged = runs[0].data.params.get("trials") if runs else None
+    if logged is None:
+        return None
+    if asked is not None and asked != int(logged):
+        raise UsageError(f"--resume continues sweep {name} with the {logged} trials it started with, "
+                         f"not --trials {asked}; for more trials start a new sweep with --warm-start {name}")
+    return int(logged)
 
 
 def _check_input_size(net, model: str, size: int) -> None:

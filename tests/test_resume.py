@@ -75,3 +75,10 @@ def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path
     assert f"{TRIALS}/{TRIALS} trials" in again.stdout
     assert "ASHA: rungs rebuilt from" in again.stdout
     assert summary["trials"]["stopped_early"] >= 1
+
+    # Ray Tune restores the trial count the sweep started with: another --trials is refused.
+    more = subprocess.run([*args[:args.index("--trials") + 1], str(TRIALS + 2),
+                           *args[args.index("--trials") + 2:], "--resume"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert more.returncode == 2
+    assert f"with the {TRIALS} trials it started with, not --trials {TRIALS + 2}" in more.stderr
