@@ -235,8 +235,10 @@ def test_submitted_sweep_runs_on_the_worker_within_max_concurrent_decoding_once_
     images = sum(1 for _ in (ray_cluster.head_cache / "digits" / "5-9").rglob("*.png"))
     datasets = {cache: [p.name for p in (cache / "decoded").glob("*") if p.is_dir()]
                 for cache in (ray_cluster.head_cache, ray_cluster.worker_cache)}
-    assert all(len(found) == 1 for found in datasets.values()), datasets
-    assert len({found[0] for found in datasets.values()}) == 1  # the same dataset at the same size
+    # The worker decoded only the sweep's dataset; the head has it too (and may hold the demo
+    # backbone's pretraining set of digits 0-4, when the driver had to build that backbone).
+    assert len(datasets[ray_cluster.worker_cache]) == 1, datasets
+    assert datasets[ray_cluster.worker_cache][0] in datasets[ray_cluster.head_cache], datasets
     decodes = sorted(results[-1]["decodes_in_trial"] for results in trials.values())
     assert decodes == [0] * (TRIALS - 1) + [images], decodes
 
