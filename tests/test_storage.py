@@ -1,6 +1,7 @@
-"""sweeps/storage.py on a local folder, on a ``file://`` URI and on an ``s3://`` bucket (a
-moto S3 server on 127.0.0.1), through pyarrow as Ray Tune uses it. The multi-node check
-runs on a real two-node cluster in test_cluster.py."""
+"""sweeps/storage.py on a local folder, on a ``file://`` URI, on an ``s3://`` bucket (a moto
+S3 server on 127.0.0.1) and on a ``gs://`` bucket (gcp-storage-emulator on 127.0.0.1), through
+pyarrow as Ray Tune uses it. The multi-node check runs on a real two-node cluster in
+test_cluster.py."""
 
 import json
 import os
@@ -8,6 +9,8 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
+import urllib.request
 from types import SimpleNamespace
 
 import pyarrow.fs as pafs
@@ -229,3 +232,70 @@ def _runs(client, role: str) -> list:
 
 def _ended_trials(client) -> list:
     return [r for r in _runs(client, "trial") if r.data.tags.get("outcome") != "running"]
+
+
+@pytest.fixture
+def gcs_bucket(tmp_path):
+    """gcp-storage-emulator on 127.0.0.1, in its own process group, with an empty bucket
+    ``sweeps``: yields the ``--storage`` URI of a folder in it and the emulator's JSON API URL.
+
+    The URI's ``anonymous@`` makes pyarrow send no credentials (by default it asks Google's
+    metadata server for a token, and retries for minutes when there is none)."""
+    port = free_port()
+    log = open(tmp_path / "gcs.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+                             "--port", str(port), "--in-memory", "--default-bucket", "sweeps"],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    api = f"http://127.0.0.1:{port}/storage/v1/b/sweeps"
+    try:
+        wait_http(api, proc=proc)
+        query = f"endpoint_override=127.0.0.1:{port}&scheme=http&retry_limit_seconds=10"
+        yield f"gs://anonymous@sweeps/results?{query}", api
+    finally:
+        stop_group(proc)
+        log.close()
+
+
+def _gcs_files(api: str, prefix: str) -> dict[str, bytes]:
+    """The bucket's objects under ``prefix`` and their bytes, read through the emulator's JSON API,
+    less the empty ``.../`` objects pyarrow writes as folders.
+
+    (The emulator answers one request at a time, and pyarrow's copy_files out of a bucket asks for
+    an object's metadata while its download is still open: a file of more than a socket buffer
+    or two stalls there until the retry limit. So big files are read back this way.)"""
+    with urllib.request.urlopen(f"{api}/o?prefix={urllib.parse.quote(prefix)}") as r:
+        names = [item["name"] for item in json.load(r).get("items", [])]
+    objects = {}
+    for name in (n for n in names if not n.endswith("/")):
+        with urllib.request.urlopen(f"{api}/o/{urllib.parse.quote(name, safe='')}?alt=media") as r:
+            objects[name] = r.read()
+    return objects
+
+
+def test_storage_on_a_gcs_bucket(gcs_bucket):
+    uri, api = gcs_bucket
+    fs, path = storage.open_storage(uri)
+    assert isinstance(fs, pafs.GcsFileSystem) and path == "sweeps/results"
+
+    target = storage.join(uri, "s1", "sweep_summary.json")
+    assert target == uri.replace("/results?", "/results/s1/sweep_summary.json?")
+    assert not storage.exists(target)
+    storage.write_text(target, '{"name": "s1"}')
+    storage.write_text(target, '{"name": "s1", "best": null}')
+    assert storage.exists(target) and not storage.exists(storage.join(uri, "s1", "other.json"))
+    assert storage.read_text(target) == '{"name": "s1", "best": null}'
+    assert _gcs_files(api, "results/") == {"results/s1/sweep_summary.json": b'{"name": "s1", "best": null}'}
+
+    folder = storage.SweepFolder(storage.join(uri, "s2"))
+    assert folder.remote
+    assert folder.location("best", "model.pt") == uri.replace("/results?", "/results/s2/best/model.pt?")
+    weights = os.urandom(5_000_000)  # a few MB, as checkpoints are: pyarrow uploads it in several chunks
+    (folder.local / "best").mkdir()
+    (folder.local / "best" / "model.pt").write_bytes(weights)
+    (folder.local / "sweep_summary.json").write_text('{"name": "s2"}')
+    assert not storage.exists(folder.location("sweep_summary.json"))
+    folder.publish()
+    assert storage.read_text(folder.location("sweep_summary.json")) == '{"name": "s2"}'
+    assert storage.exists(folder.location("best", "model.pt"))
+    assert _gcs_files(api, "results/s2/") == {"results/s2/sweep_summary.json": b'{"name": "s2"}',
+                                              "results/s2/best/model.pt": weights}
