@@ -72,7 +72,7 @@ def git_commit() -> str:
 class SweepTracker:
     """The sweep's parent run and the bookkeeping that maps trials to child runs."""
 
-    def __init__(self, plan, spool_dir: Path | None = None, background: bool = True):
+    def __init__(self, plan, spool_dir: Path | None = None):
         # Fail fast against a lost server instead of MLflow's default minutes of back-off;
         # Writer does its own retrying.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -90,8 +90,8 @@ class SweepTracker:
         self.ended: set[str] = set()
         self._start_parent()  # in this process: the sweep needs its parent run id now
         self.started = set(self.write.run_ids) - {"parent"}  # trials that have a run, or one queued
-        if background:
-            self.write = WriterProcess(plan.tracking_uri, spool, self.write.run_ids, self.write.queue)
+        # from here on, writes leave through a child process: Tune's loop never waits on MLflow
+        self.write = WriterProcess(plan.tracking_uri, spool, self.write.run_ids, self.write.queue)
 
     def _runs(self, filter_string: str):
         return self.client.search_runs([self.experiment_id], filter_string, max_results=10000)

@@ -107,15 +107,21 @@ class Writer:
             raise ValueError(f"unknown MLflow write {op!r}")
 
     def _write_spool(self) -> None:
-        if self.spool is None:
-            return
-        if not self.queue:
-            self.spool.unlink(missing_ok=True)
-            return
-        self.spool.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.spool, "w") as f:
-            for op, key, kw in self.queue:
-                f.write(json.dumps({"op": op, "run": self.run_ids.get(key, key), **kw}) + "\n")
+        write_spool(self.spool, self.queue, self.run_ids)
+
+
+def write_spool(spool: Path | None, writes: list, run_ids: dict[str, str]) -> None:
+    """Keep the unsent writes in ``spool``, one JSON line each, under their run ids;
+    with nothing unsent, remove it."""
+    if spool is None:
+        return
+    if not writes:
+        spool.unlink(missing_ok=True)
+        return
+    spool.parent.mkdir(parents=True, exist_ok=True)
+    with open(spool, "w") as f:
+        for op, key, kw in writes:
+            f.write(json.dumps({"op": op, "run": run_ids.get(key, key), **kw}) + "\n")
 
 
 def _fits(a: dict, b: dict) -> bool:
@@ -200,17 +206,12 @@ class WriterProcess:
                     m = json.loads(line)
                     if "op" in m:
                         self.queue.append((m["op"], m["key"], m["kw"]))
-            self._spool(self.queue)
+            write_spool(self.spool, self.queue, self.run_ids)
             return self.queue
         self.run_ids.update(result["run_ids"])
         self.queue = [tuple(q) for q in result["queue"]]
         self.last_error = result["last_error"]
         return self.queue
-
-    def _spool(self, writes: list) -> None:
-        spooler = Writer(None, self.spool)
-        spooler.run_ids, spooler.queue = self.run_ids, list(writes)
-        spooler._write_spool()
 
 
 def serve(tracking_uri: str, spool: str, result: str) -> int:
