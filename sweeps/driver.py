@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 
 import ray
 from ray import tune
+from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
@@ -101,7 +103,7 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
                               grace_period=min(space.grace_period, max_t),
                               reduction_factor=space.reduction_factor)
     run_config = tune.RunConfig(
-        name=plan.name, storage_path=plan.storage, callbacks=callbacks,
+        name=plan.name, storage_path=plan.storage, callbacks=[*callbacks, JsonLoggerCallback()],
         # Keeps the best checkpoint of each trial plus (always) its latest, to resume from.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
@@ -121,6 +123,22 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     return tune.Tuner(trainable_, param_space=param_space(space), tune_config=tune_config,
                       run_config=run_config)
+
+
+@contextlib.contextmanager
+def json_results_only():
+    """Within it, Tune writes each trial's results once, as the JSON lines resume reads
+    (``JsonLoggerCallback``, which ``build_tuner`` adds), and not again as CSV and
+    TensorBoard files: MLflow holds the metrics. Tune's default is all three."""
+    before = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
+        else:
+            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = before
 
 
 def _trial_name(trial) -> str:

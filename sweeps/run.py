@@ -64,7 +64,8 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
     driver.init_ray(plan.ray_address)
     max_epochs = plan.total_epochs
     MlflowTrials.active = tracker
-    results = driver.build_tuner(plan, [MlflowTrials(max_epochs)], trainable).fit()
+    with driver.json_results_only():
+        results = driver.build_tuner(plan, [MlflowTrials(max_epochs)], trainable).fit()
     tracker.reconcile(results, max_epochs)
 
     best = summary.best_trial(results)

@@ -66,6 +66,9 @@ def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path
         assert run.data.tags["outcome"] in ("completed", "stopped_early")
         steps = [m.step for m in client.get_metric_history(run.info.run_id, "val_acc")]
         assert steps == list(range(1, len(steps) + 1)), (run.info.run_name, steps)
+        # the restored sweep still writes the results that a later resume reads
+        trial_dir = tmp_path / "results" / "nightly" / f"trial_{run.data.tags['ftsweep.trial_id']}"
+        assert len((trial_dir / "result.json").read_text().splitlines()) >= len(steps), run.info.run_name
     # Trials that had finished were not run again.
     for trial_id, run in done_before.items():
         now = client.get_run(run.info.run_id)

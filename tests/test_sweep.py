@@ -90,6 +90,14 @@ def test_checkpoints_on_disk_are_bounded(sweep):
         f.stat().st_size for d in trial_dirs for f in d.glob("checkpoint_*/**/*") if f.is_file())
 
 
+def test_trial_results_are_written_once_as_json(sweep):
+    _, _, cwd = sweep
+    for trial_dir in (cwd / "results" / "itest").glob("trial_*"):
+        assert (trial_dir / "result.json").stat().st_size > 0
+        # MLflow holds the metrics: no CSV or TensorBoard copies of them
+        assert not list(trial_dir.glob("progress.csv")) + list(trial_dir.glob("events.out.tfevents*"))
+
+
 def test_best_checkpoint_loads_and_reproduces_its_val_acc(sweep, tmp_path):
     summary, client, _ = sweep
     local = Path(mlflow.artifacts.download_artifacts(
