@@ -3,9 +3,10 @@
 ``Writer`` sends the writes itself. ``WriterProcess`` hands them to a ``Writer`` in a child
 process (``python sweeps/writer.py``), so Ray Tune's controller loop never waits on the
 tracking server or spends its CPU time on it: a write costs the driver a JSON line on a
-pipe. The child merges the writes that queue up behind a slow or absent server into one
-``log_batch`` per run, and when the driver closes it (or dies), sends what is left and
-keeps anything it still could not send in the spool file.
+pipe. The child gathers each burst of writes (at most MAX_DELAY_S) and those that queue up
+behind a slow or absent server, merges them into one ``log_batch`` per run, and when the
+driver closes it (or dies), sends what is left and keeps anything it still could not send
+in the spool file.
 """
 
 from __future__ import annotations
@@ -34,6 +35,11 @@ PIPE_BYTES = 1 << 20
 # core's time. Its backlog stays small (queued batches of one run merge), and at the end of
 # the sweep, with the machine idle, it catches up at full speed while the driver waits.
 WRITER_NICENESS = 10
+# Writes are gathered until they pause for QUIET_S, or for at most MAX_DELAY_S: a burst,
+# such as a trial's start, parameters, epochs and end, merges into fewer calls, sent after
+# the burst instead of competing with it for the CPU.
+QUIET_S = 0.05
+MAX_DELAY_S = 0.5
 
 
 class Writer:
@@ -232,26 +238,37 @@ def serve(tracking_uri: str, spool: str, result: str) -> int:
     state = json.loads(lines.get() or "{}")
     writer.run_ids.update(state.get("run_ids", {}))
     writer.queue.extend(tuple(q) for q in state.get("queue", ()))
+    pump(lines, writer)
+    Path(result).write_text(json.dumps({"run_ids": writer.run_ids, "queue": [list(q) for q in writer.queue],
+                                        "last_error": str(writer.last_error) if writer.last_error else None}))
+    return 0
+
+
+def pump(lines: queue.SimpleQueue, writer: Writer, quiet_s: float = QUIET_S,
+         max_delay_s: float = MAX_DELAY_S) -> None:
+    """Hand the JSON writes from ``lines`` to ``writer`` until a ``None`` ends them; send
+    each gathered burst, and at the end everything."""
     done = False
     while not done:
         try:  # wait for work; with writes queued behind a failure, only until the next retry
             line = lines.get(timeout=writer.retry_s if writer.queue else None)
         except queue.Empty:
             line = ""
-        while line is not None:  # take every write that is waiting: they merge into fewer calls
+        deadline = time.monotonic() + max_delay_s
+        while line is not None:
             if line:
                 m = json.loads(line)
                 writer.add(m["op"], m["key"], m["kw"])
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
             try:
-                line = lines.get_nowait()
+                line = lines.get(timeout=min(quiet_s, left))
             except queue.Empty:
                 break
         done = line is None
         if done or time.monotonic() - writer.failed_at >= writer.retry_s:
             writer.flush()
-    Path(result).write_text(json.dumps({"run_ids": writer.run_ids, "queue": [list(q) for q in writer.queue],
-                                        "last_error": str(writer.last_error) if writer.last_error else None}))
-    return 0
 
 
 if __name__ == "__main__":

@@ -1,11 +1,14 @@
 import json
+import queue
+import threading
+import time
 
 import pytest
 from mlflow.tracking import MlflowClient
 
 from sweeps.plan import UsageError
 from sweeps.tracking import check_tracking_uri, outcome_of, redact
-from sweeps.writer import MERGE_LOOKBACK, Writer, WriterProcess
+from sweeps.writer import MERGE_LOOKBACK, Writer, WriterProcess, pump
 
 
 class FlakyClient:
@@ -102,6 +105,52 @@ def test_writer_process_sends_everything_by_close(tmp_path):
     assert [m.value for m in real.get_metric_history(run.info.run_id, "val_acc")] == [0.1, 0.2, 0.3]
     assert run.info.status == real.get_run(parent).info.status == "FINISHED"
     assert not (tmp_path / "pending.jsonl").exists()
+
+
+class CountingClient:
+    """Records each MLflow call and when it came; creates runs with ids of its own."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, float]] = []
+
+    def __getattr__(self, name):
+        def call(*args, **kw):
+            self.calls.append((name, time.monotonic()))
+            return type("Run", (), {"info": type("Info", (), {"run_id": f"r{len(self.calls)}"})})()
+        return call
+
+
+def trial_writes(key: str) -> list[str]:
+    """What SweepTracker writes for a trial of one epoch: start, config, epoch, outcome, end."""
+    writes = [("create", {"experiment_id": "1", "run_name": key}), ("batch", {"params": {"lr": "0.1"}}),
+              ("batch", {"metrics": [dict(key="val_acc", value=0.5, timestamp=0, step=1)]}),
+              ("batch", {"tags": {"outcome": "completed"}}), ("end", {"status": "FINISHED"})]
+    return [json.dumps({"op": op, "key": key, "kw": kw}) for op, kw in writes]
+
+
+def test_a_burst_of_trials_takes_three_calls_each():
+    lines, client = queue.SimpleQueue(), CountingClient()
+    for i in range(10):  # ten short trials whose writes interleave, as concurrent ones do
+        for write in trial_writes(f"t{i}"):
+            lines.put(write)
+    lines.put(None)
+    pump(lines, Writer(client))
+    assert [name for name, _ in client.calls] == ["create_run", "log_batch", "set_terminated"] * 10
+
+
+def test_a_steady_stream_of_writes_is_sent_within_the_delay_bound():
+    lines, client = queue.SimpleQueue(), CountingClient()
+    writer = Writer(client)
+    pumping = threading.Thread(target=pump, args=(lines, writer), kwargs={"quiet_s": 0.05, "max_delay_s": 0.2})
+    pumping.start()
+    for i in range(200):  # a trial starts every 10 ms: no pause of quiet_s, only the bound sends
+        lines.put(trial_writes(f"t{i}")[0])
+        time.sleep(0.01)
+    stream_end = time.monotonic()
+    lines.put(None)
+    pumping.join()
+    assert len(client.calls) == 200
+    assert client.calls[0][1] < stream_end - 1, "the first writes waited for the stream to end"
 
 
 def test_writer_process_keeps_what_an_unreachable_server_did_not_get(tmp_path, monkeypatch):
