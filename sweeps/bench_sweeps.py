@@ -64,13 +64,16 @@ def in_process(argv: list[str], log: Path, trainable=None):
     return plan
 
 
-def bare_tune(plan, trials: int, concurrent: int, log: Path, reuse_actors: bool = True) -> Path:
+def bare_tune(plan, trials: int, concurrent: int, log: Path, reuse_actors: bool = True,
+              json_only: bool = False) -> Path:
     """Sweep ``trivial`` with a bare ``tune.Tuner``: the plan's resources, concurrency and
     param space, actor reuse as the platform has it unless told otherwise (Tune's default
     is off), and the platform's way of starting Ray; no search algorithm, scheduler,
-    callbacks or MLflow. Returns the sweep's folder."""
+    callbacks or MLflow. Tune's default loggers (JSON, CSV, TensorBoard) write the results,
+    or with ``json_only`` the JSON one alone, as in the platform. Returns the sweep's folder."""
     import ray
     from ray import tune
+    from ray.tune.logger import JsonLoggerCallback
 
     from sweeps import driver
 
@@ -79,10 +82,13 @@ def bare_tune(plan, trials: int, concurrent: int, log: Path, reuse_actors: bool 
         try:
             driver.init_ray(None)
             trainable = tune.with_resources(tune.with_parameters(trivial, data=plan.data), plan.resources)
-            tune.Tuner(trainable, param_space=driver.param_space(plan.space),
-                       tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent,
-                                                   reuse_actors=reuse_actors),
-                       run_config=tune.RunConfig(name=name, storage_path=plan.storage, verbose=1)).fit()
+            tuner = tune.Tuner(trainable, param_space=driver.param_space(plan.space),
+                               tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent,
+                                                           reuse_actors=reuse_actors),
+                               run_config=tune.RunConfig(name=name, storage_path=plan.storage, verbose=1,
+                                                         callbacks=[JsonLoggerCallback()] if json_only else None))
+            with driver.json_results_only() if json_only else contextlib.nullcontext():
+                tuner.fit()
         finally:
             ray.shutdown()
     return Path(plan.storage) / name
@@ -172,7 +178,8 @@ def measure_overhead(args, work: Path, rounds: int = 2) -> dict:
     ever adds time."""
     n, experiment = args.overhead_trials, "bench-overhead"
     _create_experiment(tracking_uri(work), experiment)  # once, outside the timed sweeps
-    per: dict[str, list[float]] = {"platform": [], "bare": [], "platform_mlflow_complete": []}
+    per: dict[str, list[float]] = {"platform": [], "bare": [], "bare_json_only": [],
+                                   "platform_mlflow_complete": []}
     for i in range(rounds):
         argv = sweep_argv(args, work, f"overhead-{i}", n, 1, experiment)
         plan = in_process(argv, work / "overhead.log", trivial)
@@ -184,11 +191,14 @@ def measure_overhead(args, work: Path, rounds: int = 2) -> dict:
         per["platform_mlflow_complete"].append((max(end for _, end in spans) - first) / (n - lanes(args)))
         bare = bare_tune(plan, n, lanes(args), work / "overhead.log")
         per["bare"].append(per_trial(trial_results(bare), lanes(args)))
+        bare = bare_tune(plan, n, lanes(args), work / "overhead.log", json_only=True)
+        per["bare_json_only"].append(per_trial(trial_results(bare), lanes(args)))
     # For scale: Tune as it comes starts a new actor per trial. Few trials: each costs seconds.
     few = min(n, 2 * lanes(args) + 4)
     default = bare_tune(plan, few, lanes(args), work / "overhead.log", reuse_actors=False)
     return {"overhead_per_trial_s": min(per["platform"]), "bare_ray_overhead_per_trial_s": min(per["bare"]),
             "overhead_mlflow_complete_per_trial_s": min(per["platform_mlflow_complete"]),
+            "bare_ray_json_only_overhead_per_trial_s": min(per["bare_json_only"]),
             "bare_ray_default_overhead_per_trial_s": per_trial(trial_results(default), lanes(args)),
             "overhead": {"trials": n, "concurrent": lanes(args), "per_trial_s": per,
                          "default_trials": few}}

@@ -19,6 +19,7 @@ from conftest import ROOT, write_image_folder
 
 FIGURES = ["limit_img_per_s", "sweep_img_per_s", "efficiency", "startup_s", "overhead_per_trial_s",
            "overhead_mlflow_complete_per_trial_s", "bare_ray_overhead_per_trial_s",
+           "bare_ray_json_only_overhead_per_trial_s",
            "bare_ray_default_overhead_per_trial_s", "decodes_per_image",
            "feature_cache_speedup", "feature_cache_build_s", "linear_probe_speedup", "linear_probe_build_s"]
 
