@@ -1,10 +1,11 @@
+import math
 
 import pytest
 import torch
 
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, scan
-from trainables.train import TrialDiverged, run_trial
+from trainables.train import DeviceOptions, Step, TrialDiverged, device_options, run_trial
 
 from conftest import collect
 
@@ -84,3 +85,40 @@ def test_adamw_label_smoothing_and_l1_are_accepted(handle):
     run_trial(tiny(optimizer="adamw", lr=1e-3, label_smoothing=0.1, l1=1e-5, max_epochs=1),
               handle, collect(seen), threads=1)
     assert seen[0]["train_loss"] > 0
+
+
+def test_on_cuda_amp_channels_last_and_pinned_memory_are_on_and_each_can_be_turned_off(monkeypatch):
+    cuda = torch.device("cuda")  # only the decision: this machine needs no GPU for it
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: True)
+    assert device_options(tiny(), cuda) == DeviceOptions(torch.bfloat16, True, True)
+    assert device_options(tiny(amp=False), cuda) == DeviceOptions(None, True, True)
+    assert device_options(tiny(channels_last=False), cuda) == DeviceOptions(torch.bfloat16, False, True)
+    assert device_options(tiny(pin_memory=False), cuda) == DeviceOptions(torch.bfloat16, True, False)
+    # GPUs before Ampere only emulate bf16: fp16, whose gradients the step scales
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert device_options(tiny(), cuda).amp_dtype == torch.float16
+    assert device_options(tiny(), torch.device("cpu")) == DeviceOptions()
+
+
+def test_an_fp16_step_scales_its_loss_and_still_trains():
+    from trainables.models import build_model, stages
+
+    x, y = torch.randn(8, 3, 16, 16), torch.randint(0, 2, (8,))
+
+    def train(options, steps=8):
+        torch.manual_seed(0)
+        model = build_model("resnet18", 2, "none")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda t: 1.0)
+        step = Step(model, stages(model, "resnet18"), tiny(), optimizer, scheduler, torch.device("cpu"),
+                    options=options)
+        return step, [step.train_epoch([(x, y)])[0] for _ in range(steps)]
+
+    fp16, half_losses = train(DeviceOptions(amp_dtype=torch.float16))
+    full, full_losses = train(DeviceOptions())
+    assert not full.scaler.is_enabled()
+    # the scaler started at 2**16 and halved on each step whose fp16 gradients overflowed
+    assert fp16.scaler.is_enabled() and math.log2(fp16.scaler.get_scale()).is_integer()
+    assert fp16.scaler.get_scale() < 2.0 ** 16
+    assert half_losses[0] == pytest.approx(full_losses[0], rel=1e-2)  # the same forward pass, in fp16
+    assert half_losses[-1] < 0.5 * half_losses[0]  # the steps it took were unscaled and trained

@@ -10,8 +10,10 @@ from __future__ import annotations
 import math
 import tempfile
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -29,6 +31,29 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 class TrialDiverged(RuntimeError):
     """The training loss became NaN or infinite."""
+
+
+@dataclass(frozen=True)
+class DeviceOptions:
+    """How a trial uses its device: the autocast dtype (None: full precision), channels_last
+    layout, and page-locked batches copied without blocking."""
+
+    amp_dtype: torch.dtype | None = None
+    channels_last: bool = False
+    pin_memory: bool = False
+
+
+def device_options(cfg: TrialConfig, device: torch.device) -> DeviceOptions:
+    """On CUDA each is on unless the config turns it off (``amp``, ``channels_last``,
+    ``pin_memory``): bf16 autocast where the GPU computes in bf16 (Ampere and later), else
+    fp16 with a gradient scaler. On the CPU none is used."""
+    if device.type != "cuda":
+        return DeviceOptions()
+    amp_dtype = None
+    if cfg.amp:
+        native_bf16 = torch.cuda.is_bf16_supported(including_emulation=False)
+        amp_dtype = torch.bfloat16 if native_bf16 else torch.float16
+    return DeviceOptions(amp_dtype, cfg.channels_last, cfg.pin_memory)
 
 
 def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | None = None, *,
@@ -51,7 +76,8 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         raise ModelError(f"dropout before the head is not available for {cfg.model}")
     freeze(staged, cfg.frozen_depth)
     model.to(device)
-    if device.type == "cuda" and cfg.channels_last:
+    options = device_options(cfg, device)
+    if options.channels_last:
         model.to(memory_format=torch.channels_last)
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -78,7 +104,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         scheduler.load_state_dict(ckpt["scheduler"])
         gen.set_state(ckpt["generator"])
 
-    step = Step(model, staged, cfg, optimizer, scheduler, device, start)
+    step = Step(model, staged, cfg, optimizer, scheduler, device, start, options)
     metrics: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.total_epochs + 1):
         if epoch > cfg.max_epochs and not state["pruned"]:  # fine-tuned: prune, then recover
@@ -174,20 +200,26 @@ def make_optimizer(cfg: TrialConfig, params) -> torch.optim.Optimizer:
 class Step:
     """The forward/backward of one batch, with the trial's precision and penalties."""
 
-    def __init__(self, model, staged, cfg: TrialConfig, optimizer, scheduler, device, start=0):
+    def __init__(self, model, staged, cfg: TrialConfig, optimizer, scheduler, device, start=0,
+                 options: DeviceOptions | None = None):
         self.model, self.staged, self.cfg, self.start = model, staged, cfg, start
         self.optimizer, self.scheduler, self.device = optimizer, scheduler, device
-        use_amp = device.type == "cuda" and cfg.amp
-        self.autocast = (torch.autocast("cuda", dtype=torch.bfloat16) if use_amp else nullcontext())
+        self.options = options or device_options(cfg, device)
+        amp = self.options.amp_dtype
+        self.autocast = torch.autocast(device.type, dtype=amp) if amp else nullcontext()
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range
+        self.scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+        if self.scaler.is_enabled():  # the schedule counts every batch, a skipped step too
+            warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
         self.first_step_time = 0.0  # wall clock of the first optimizer step
         self.penalised = [p for n, p in model.named_parameters()
                           if p.requires_grad and p.ndim > 1] if cfg.l1 > 0 else []
 
     def to_device(self, x, y):
-        if self.device.type == "cuda" and self.cfg.pin_memory:
+        if self.options.pin_memory:
             x, y = x.pin_memory(), y.pin_memory()
         x = x.to(self.device, non_blocking=True)
-        if self.device.type == "cuda" and self.cfg.channels_last and x.ndim == 4:
+        if self.options.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x, y.to(self.device, non_blocking=True)
 
@@ -209,8 +241,9 @@ class Step:
             if self.penalised:
                 loss = loss + self.cfg.l1 * sum(p.abs().sum() for p in self.penalised)
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+            self.scaler.update()
             self.scheduler.step()
             self.first_step_time = self.first_step_time or time.time()
             total += value * len(y)
