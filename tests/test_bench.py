@@ -126,3 +126,34 @@ def test_benchmark_writes_every_figure(tmp_path):
     assert {"cpu_count", "torch", "platform", "load_at_phase_start"} <= set(report["machine"])
     assert isinstance(report["warnings"], list)
     assert str(out) in proc.stdout.splitlines()[-1]
+
+
+def test_gpu_benchmark_runs_the_trainable_alone(tmp_path):
+    # The GPU machine has torch and torchvision only: the script must not need Ray, MLflow
+    # or Optuna. Here it runs on the CPU, where the CUDA options stay off.
+    script = f"""
+import sys
+sys.argv = ["gpu_bench.py", "--out", {str(tmp_path / 'gpu.json')!r}, "--device", "cpu", "--models",
+            "resnet18", "--image-size", "16", "--batch-size", "64", "--epochs", "2", "--pack", "2",
+            "--work-dir", {str(tmp_path / 'work')!r}]
+sys.path.insert(0, {str(ROOT)!r})
+from sweeps import gpu_bench
+code = gpu_bench.main()
+assert not {{"ray", "mlflow", "optuna"}} & set(sys.modules), "imported a sweep-only package"
+sys.exit(code)
+"""
+    run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu.json").read_text())
+    trial = report["models"]["resnet18"]["defaults"]
+    assert trial["img_per_s"] > 0 and len(trial["epoch_img_per_s"]) == 2
+    assert (trial["amp_dtype"], trial["channels_last"], trial["pin_memory"]) == (None, False, False)
+    packing = report["packing"]
+    assert len(packing["per_trial"]) == 2
+    assert packing["packed_img_per_s"] == pytest.approx(sum(t["img_per_s"] for t in packing["per_trial"]))
+
+
+def test_gpu_benchmark_without_cuda_says_so(tmp_path):
+    run = subprocess.run([sys.executable, str(ROOT / "sweeps" / "gpu_bench.py"), "--out", str(tmp_path / "g.json")],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "sees no CUDA device" in run.stderr
