@@ -61,9 +61,11 @@ DEFINITIONS = {
                             "the last trials' ends are fixed costs, outside it.",
     "overhead_mlflow_complete_per_trial_s": "Not a target: the platform's MLflow writes leave the driver "
                                             "through a writer process and may trail the trials. The same "
-                                            "sweeps, timed up to the moment the last child run was ended "
-                                            "in MLflow: (that moment - first trial start) / (trials - "
-                                            "trials at once); the lowest of --rounds.",
+                                            "sweeps, timed up to the moment MLflow held every write "
+                                            "(the summary's mlflow_done_at; the sweep's end, best model "
+                                            "and parent-run metrics included): (that moment - first "
+                                            "trial start) / (trials - trials at once); the lowest of "
+                                            "--rounds.",
     "bare_ray_overhead_per_trial_s": "The same for a bare tune.Tuner over the same trainable, param space, "
                                      "resources, concurrency, actor reuse and Ray start; no search "
                                      "algorithm, scheduler, callbacks or MLflow; Tune's default loggers "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -75,6 +76,8 @@ def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending
         "dataset": plan.dataset_label, "unlogged_mlflow_writes": len(pending),
         # how long the end of the sweep waited for the MLflow writer to catch up
         "mlflow_wait_s": round(getattr(tracker.write, "wait_s", 0.0), 2),
+        # when MLflow held every write (or they were spooled), in epoch seconds
+        "mlflow_done_at": round(getattr(tracker.write, "done_at", 0.0) or time.time(), 3),
     }
     if plan.is_local:
         summary["checkpoint_bytes"] = checkpoint_bytes(Path(plan.sweep_dir))

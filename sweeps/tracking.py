@@ -118,7 +118,8 @@ class SweepTracker:
         tags = {TAG_SWEEP: plan.name, TAG_ROLE: "parent", "space": space.name, "model": cfg.model,
                 "dataset": plan.dataset_label, "dataset_fingerprint": plan.data.dataset.fingerprint,
                 "git_commit": git_commit(), MLFLOW_RUN_NOTE: self._description(), **warm}
-        self.write("create", "parent", experiment_id=self.experiment_id, run_name=plan.name, tags=tags)
+        self.write("create", "parent", experiment_id=self.experiment_id, run_name=plan.name, tags=tags,
+                   start_time=now_ms())
         if "parent" not in self.write.run_ids:
             raise RuntimeError(f"could not create the sweep's MLflow run: {self.write.last_error}")
         self.parent_id = self.write.run_ids["parent"]
@@ -157,11 +158,12 @@ class SweepTracker:
             f"{SHORT.get(k, k)}={fmt(config[k])}" for k in self.plan.space.search if k in config)
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, TAG_SWEEP: self.plan.name, TAG_ROLE: "trial",
                 TAG_TRIAL: trial_id, "ftsweep.trial_number": str(number), "outcome": "running"}
-        self.write("create", trial_id, experiment_id=self.experiment_id, run_name=name.strip(), tags=tags)
+        self.write("create", trial_id, experiment_id=self.experiment_id, run_name=name.strip(), tags=tags,
+                   start_time=now_ms())
         self.write("batch", trial_id, metrics=[], params={k: str(v) for k, v in config.items()})
 
     def log_epoch(self, trial_id: str, result: dict) -> None:
-        step, now = int(result["epoch"]), int(time.time() * 1000)
+        step, now = int(result["epoch"]), now_ms()
         if step <= self.last_step.get(trial_id, 0):
             return  # replayed after a resume from an older checkpoint: logged already
         self.last_step[trial_id] = step
@@ -175,7 +177,7 @@ class SweepTracker:
         if outcome == "errored":
             tags["error"] = reason[-5000:]
         self.write("batch", trial_id, metrics=[], tags=tags)
-        self.write("end", trial_id, status="FAILED" if outcome == "errored" else "FINISHED")
+        self.write("end", trial_id, status="FAILED" if outcome == "errored" else "FINISHED", end_time=now_ms())
 
     def reconcile(self, results, max_epochs: int) -> None:
         """After a resume, make MLflow agree with Ray Tune's own record of the sweep.
@@ -196,7 +198,7 @@ class SweepTracker:
                 self.write("batch", trial_id, metrics=[], tags={
                     TAG_ROLE: "abandoned", "outcome": "abandoned",
                     "stop_reason": "driver killed before Ray Tune recorded this trial; rerun as a new trial"})
-                self.write("end", trial_id, status="KILLED")
+                self.write("end", trial_id, status="KILLED", end_time=now_ms())
                 self.ended.add(trial_id)
 
     def run_id(self, trial_id: str) -> str | None:
@@ -206,11 +208,17 @@ class SweepTracker:
     def finish(self, best_dir: Path | None, metrics: dict, failed: bool) -> list:
         if best_dir is not None:
             self.write("artifacts", "parent", local_dir=str(best_dir), artifact_path="best")
-        now = int(time.time() * 1000)
+        now = now_ms()
         self.write("batch", "parent", metrics=[dict(key=k, value=float(v), timestamp=now, step=0)
                                                for k, v in metrics.items()])
-        self.write("end", "parent", status="FAILED" if failed else "FINISHED")
+        self.write("end", "parent", status="FAILED" if failed else "FINISHED", end_time=now_ms())
         return self.write.close()
+
+
+def now_ms() -> int:
+    """MLflow's timestamps: milliseconds since the epoch. Writes carry the moment they
+    describe, since the writer may send them later."""
+    return int(time.time() * 1000)
 
 
 def trial_id_of(result) -> str:

@@ -102,7 +102,7 @@ class Writer:
                                   params=[Param(k, v) for k, v in kw.get("params", {}).items()],
                                   tags=[RunTag(k, v) for k, v in kw.get("tags", {}).items()])
         elif op == "end":
-            self.client.set_terminated(self.run_ids[key], status=kw["status"])
+            self.client.set_terminated(self.run_ids[key], status=kw["status"], end_time=kw.get("end_time"))
         elif op == "reopen":
             self.client.update_run(self.run_ids[key], status="RUNNING")
         elif op == "artifact":
@@ -148,7 +148,7 @@ class WriterProcess:
     Tune's controller never hands the GIL to a helper thread. ``close()`` waits for the
     child to send everything, then holds what a synchronous ``Writer`` would: ``run_ids``,
     ``queue`` (the writes that could not be sent, also in the spool file) and
-    ``last_error``; ``wait_s`` is how long it waited.
+    ``last_error``; ``wait_s`` is how long it waited, ``done_at`` when it returned.
     """
 
     def __init__(self, tracking_uri: str, spool: Path | None, run_ids: dict[str, str],
@@ -156,11 +156,14 @@ class WriterProcess:
         self.spool, self.run_ids = spool, dict(run_ids)
         self.queue: list = []
         self.last_error: Exception | str | None = None
-        self.wait_s = 0.0
+        self.wait_s, self.done_at = 0.0, 0.0
         self._result = Path(tempfile.mkstemp(prefix="ftsweep-writer-", suffix=".json")[1])
         self._proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), tracking_uri, str(spool or ""), str(self._result)],
-            stdin=subprocess.PIPE)
+            # A group of its own: Ctrl-C, or a kill of the driver's group, does not reach it.
+            # It stops when its input ends, as the driver closes it or dies, and first sends
+            # or spools every write it holds.
+            stdin=subprocess.PIPE, process_group=0)
         self._fd = self._proc.stdin.fileno()
         os.set_blocking(self._fd, False)
         with contextlib.suppress(OSError):  # Linux: room for a few thousand writes
@@ -198,7 +201,7 @@ class WriterProcess:
         except subprocess.TimeoutExpired:
             self._proc.kill()
             code = self._proc.wait()
-        self.wait_s = time.monotonic() - started
+        self.wait_s, self.done_at = time.monotonic() - started, time.time()
         try:
             result = json.loads(self._result.read_text())
         except (OSError, ValueError):
@@ -238,9 +241,12 @@ def serve(tracking_uri: str, spool: str, result: str) -> int:
     state = json.loads(lines.get() or "{}")
     writer.run_ids.update(state.get("run_ids", {}))
     writer.queue.extend(tuple(q) for q in state.get("queue", ()))
-    pump(lines, writer)
-    Path(result).write_text(json.dumps({"run_ids": writer.run_ids, "queue": [list(q) for q in writer.queue],
-                                        "last_error": str(writer.last_error) if writer.last_error else None}))
+    try:
+        pump(lines, writer)
+    finally:  # whatever stopped us, every write we hold is sent or spooled
+        writer.flush()
+        Path(result).write_text(json.dumps({"run_ids": writer.run_ids, "queue": [list(q) for q in writer.queue],
+                                            "last_error": str(writer.last_error) if writer.last_error else None}))
     return 0
 
 
@@ -257,8 +263,11 @@ def pump(lines: queue.SimpleQueue, writer: Writer, quiet_s: float = QUIET_S,
         deadline = time.monotonic() + max_delay_s
         while line is not None:
             if line:
-                m = json.loads(line)
-                writer.add(m["op"], m["key"], m["kw"])
+                try:
+                    m = json.loads(line)
+                    writer.add(m["op"], m["key"], m["kw"])
+                except (ValueError, KeyError) as e:  # the driver died halfway through a line
+                    writer.last_error = f"a write the driver did not finish was dropped: {line[:200]!r} ({e})"
             left = deadline - time.monotonic()
             if left <= 0:
                 break

@@ -1,4 +1,5 @@
 import json
+import os
 import queue
 import threading
 import time
@@ -92,14 +93,19 @@ def test_writer_process_sends_everything_by_close(tmp_path):
     exp = real.create_experiment("e")
     parent = real.create_run(exp).info.run_id
     write = WriterProcess(uri, tmp_path / "pending.jsonl", {"parent": parent})
-    write("create", "t1", experiment_id=exp, run_name="trial-1", tags={"outcome": "running"})
+    assert os.getpgid(write._proc.pid) != os.getpgid(0)  # Ctrl-C to the driver's group misses it
+    started, ended = 1_790_000_000_000, 1_790_000_042_000  # the moments the writes describe
+    write("create", "t1", experiment_id=exp, run_name="trial-1", tags={"outcome": "running"},
+          start_time=started)
     write("batch", "t1", params={"lr": "0.1"}, metrics=[])
     for step in (1, 2, 3):
         write("batch", "t1", metrics=[dict(key="val_acc", value=step / 10, timestamp=0, step=step)])
     write("batch", "t1", metrics=[], tags={"outcome": "completed"})
-    write("end", "t1", status="FINISHED")
+    write("end", "t1", status="FINISHED", end_time=ended)
     write("end", "parent", status="FINISHED")
     assert write.close() == [] and write.last_error is None
+    assert (real.get_run(write.run_ids["t1"]).info.start_time, real.get_run(write.run_ids["t1"]).info.end_time) \
+        == (started, ended)
     run = real.get_run(write.run_ids["t1"])
     assert run.data.params == {"lr": "0.1"} and run.data.tags["outcome"] == "completed"
     assert [m.value for m in real.get_metric_history(run.info.run_id, "val_acc")] == [0.1, 0.2, 0.3]
@@ -136,6 +142,18 @@ def test_a_burst_of_trials_takes_three_calls_each():
     lines.put(None)
     pump(lines, Writer(client))
     assert [name for name, _ in client.calls] == ["create_run", "log_batch", "set_terminated"] * 10
+
+
+def test_a_write_cut_off_by_a_dying_driver_is_named_and_the_rest_are_sent():
+    lines, client = queue.SimpleQueue(), CountingClient()
+    writer = Writer(client)
+    for write in trial_writes("t1"):
+        lines.put(write)
+    lines.put(trial_writes("t2")[0][:40])  # the driver was killed while writing this line
+    lines.put(None)
+    pump(lines, writer)
+    assert [name for name, _ in client.calls] == ["create_run", "log_batch", "set_terminated"]
+    assert "did not finish" in writer.last_error and '"t2"' in writer.last_error
 
 
 def test_a_steady_stream_of_writes_is_sent_within_the_delay_bound():
