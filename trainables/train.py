@@ -105,6 +105,8 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         gen.set_state(ckpt["generator"])
 
     step = Step(model, staged, cfg, optimizer, scheduler, device, start, options)
+    if ckpt is not None and ckpt.get("scaler"):  # fp16: resume at the loss scale it had found
+        step.scaler.load_state_dict(ckpt["scaler"])
     metrics: dict = {}
     for epoch in range(state["epoch"] + 1, cfg.total_epochs + 1):
         if epoch > cfg.max_epochs and not state["pruned"]:  # fine-tuned: prune, then recover
@@ -141,7 +143,8 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         if stop:
             metrics["early_stopped"] = 1
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
-            save_checkpoint(Path(tmp) / CHECKPOINT_FILE, cfg, data, model, optimizer, scheduler, gen, state)
+            save_checkpoint(Path(tmp) / CHECKPOINT_FILE, cfg, data, model, optimizer, scheduler, gen, state,
+                            step.scaler)
             if report is not None:
                 report(metrics, Path(tmp))
         if stop:
@@ -167,10 +170,11 @@ def make_batches(cfg: TrialConfig, data: DataHandle, model, staged, device, gen)
 
 
 def save_checkpoint(path: Path, cfg: TrialConfig, data: DataHandle, model, optimizer, scheduler,
-                    gen, state: dict) -> None:
+                    gen, state: dict, scaler) -> None:
     """Everything a resume needs, plus what explains the run: config, classes, preprocessing."""
     torch.save({"model": prune.plain_state_dict(model), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "generator": gen.get_state(),
+                "scaler": scaler.state_dict(),
                 "state": state, "config": cfg.to_dict(), "classes": list(data.classes),
                 "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std)}, path)
 
