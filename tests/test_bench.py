@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from search_spaces.loader import load_space
 from sweeps import bench, bench_sweeps
@@ -129,30 +130,46 @@ def test_benchmark_writes_every_figure(tmp_path):
 
 
 def test_gpu_benchmark_runs_the_trainable_alone(tmp_path):
-    # The GPU machine has torch and torchvision only: the script must not need Ray, MLflow
-    # or Optuna. Here it runs on the CPU, where the CUDA options stay off.
+    # The GPU machine has torch and torchvision only: the script must not need Ray, MLflow,
+    # Optuna or scikit-learn. Here it runs on the CPU, where the CUDA options stay off.
     script = f"""
 import sys
 sys.argv = ["gpu_bench.py", "--out", {str(tmp_path / 'gpu.json')!r}, "--device", "cpu", "--models",
-            "resnet18", "--image-size", "16", "--batch-size", "64", "--epochs", "2", "--pack", "2",
-            "--work-dir", {str(tmp_path / 'work')!r}]
+            "resnet18", "--image-size", "16", "--images", "64", "--batch-size", "16", "--epochs", "2",
+            "--pack", "2", "--work-dir", {str(tmp_path / 'work')!r}]
 sys.path.insert(0, {str(ROOT)!r})
 from sweeps import gpu_bench
 code = gpu_bench.main()
-assert not {{"ray", "mlflow", "optuna"}} & set(sys.modules), "imported a sweep-only package"
+assert not {{"ray", "mlflow", "optuna", "sklearn"}} & set(sys.modules), "imported a sweep-only package"
 sys.exit(code)
 """
     run = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((tmp_path / "gpu.json").read_text())
+    assert report["train_images"] == 64
     trial = report["models"]["resnet18"]["defaults"]
     assert trial["img_per_s"] > 0 and len(trial["epoch_img_per_s"]) == 2
     assert (trial["amp_dtype"], trial["channels_last"], trial["pin_memory"]) == (None, False, False)
     packing = report["packing"]
-    assert len(packing["per_trial"]) == 2
-    assert packing["packed_img_per_s"] == pytest.approx(sum(t["img_per_s"] for t in packing["per_trial"]))
+    trials = packing["per_trial"]
+    assert len(trials) == 2 and all(t["steady_images"] == 64 for t in trials)
+    # the packed trials' steady epochs began together, after both had finished the first
+    assert max(t["steady_start"] for t in trials) - min(t["steady_start"] for t in trials) < 1.0
+    span = max(t["steady_end"] for t in trials) - min(t["steady_start"] for t in trials)
+    assert packing["packed_img_per_s"] == pytest.approx(128 / span)
 
 
+def test_a_failing_packed_trial_stops_the_gpu_benchmark_instead_of_hanging(tmp_path):
+    from sweeps import gpu_bench
+
+    images = gpu_bench.make_images(tmp_path / "images", 8)
+    handle = DataHandle(scan(images), 16, str(tmp_path / "cache"))
+    cfg = TrialConfig(model="no_such_model", weights="none", image_size=16, max_epochs=2)
+    with pytest.raises(RuntimeError, match="2 of 2 packed trials failed(.|\n)*no_such_model"):
+        gpu_bench.packed(cfg, handle, "cpu", 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_gpu_benchmark_without_cuda_says_so(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "sweeps" / "gpu_bench.py"), "--out", str(tmp_path / "g.json")],
                          capture_output=True, text=True, timeout=120)
