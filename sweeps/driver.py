@@ -136,7 +136,7 @@ def json_results_only():
         yield
     finally:
         if before is None:
-            del os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"]
+            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
         else:
             os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = before
 
