@@ -122,3 +122,25 @@ def test_an_fp16_step_scales_its_loss_and_still_trains():
     assert fp16.scaler.get_scale() < 2.0 ** 16
     assert half_losses[0] == pytest.approx(full_losses[0], rel=1e-2)  # the same forward pass, in fp16
     assert half_losses[-1] < 0.5 * half_losses[0]  # the steps it took were unscaled and trained
+
+
+def test_a_ray_trial_takes_as_many_threads_as_cpus_ray_assigned_it(handle, monkeypatch):
+    # Ray sets OMP_NUM_THREADS=1 in its workers; the trial sets torch's own count.
+    import ray
+    from ray import tune
+
+    from trainables import ray_trial
+
+    context = type("Context", (), {"get_assigned_resources": lambda self: {"CPU": 2.0}})()
+    monkeypatch.setattr(ray, "get_runtime_context", lambda: context)
+    monkeypatch.setattr(tune, "get_checkpoint", lambda: None)
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics, checkpoint=None: reports.append(metrics))
+    monkeypatch.setenv("FTSWEEP_CACHE", str(handle.cache_dir))
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        ray_trial.trainable(tiny(max_epochs=1).to_dict(), handle)
+    finally:
+        torch.set_num_threads(before)
+    assert [r["threads"] for r in reports] == [2]

@@ -138,7 +138,8 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
                    "sparsity": prune.sparsity(prunable), "nonzero_params": prune.nonzero_params(model),
                    # for benchmarks: when training began, and images decoded inside this trial
                    "first_step_time": step.first_step_time,
-                   "decodes_in_trial": data_module.DECODE_COUNT - decodes_before}
+                   "decodes_in_trial": data_module.DECODE_COUNT - decodes_before,
+                   "threads": torch.get_num_threads()}
         stop = cfg.patience > 0 and epoch - state["phase_best_epoch"] >= cfg.patience
         if stop:
             metrics["early_stopped"] = 1
