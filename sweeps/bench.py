@@ -21,7 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
-from contextlib import contextmanager, suppress
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 
@@ -53,10 +53,10 @@ DEFINITIONS = {
              "/ (trials at once x fit phase), the rest being model builds, checkpoints, reporting and "
              "gaps; in_epoch_img_per_s = the summed throughput inside those epochs.",
     "overhead_per_trial_s": "Wall time per trial of the platform (execute(): MLflow tracking, Optuna TPE, "
-                            "ASHA, actor reuse, Tune's JSON logger only) sweeping a trainable that reports one epoch and does no "
-                            "work, --overhead-trials trials, --cpus/--cpus-per-trial at once: (last trial "
-                            "start - first trial start) / (trials - trials at once), each start taken "
-                            "inside the trainable; the lowest of --rounds sweeps, alternating "
+                            "ASHA, actor reuse, Tune's JSON logger only) sweeping a trainable that reports "
+                            "one epoch and does no work, --overhead-trials trials, --cpus/--cpus-per-trial "
+                            "at once: (last trial start - first trial start) / (trials - trials at once), "
+                            "each start taken inside the trainable; the lowest of --rounds sweeps, alternating "
                             "with the bare ones. Ray's start, the sweep's MLflow run and summary, and "
                             "the last trials' ends are fixed costs, outside it.",
     "overhead_mlflow_complete_per_trial_s": "Not a target: the platform's MLflow writes leave the driver "
@@ -143,6 +143,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
+        from sweeps.driver import environment
+
         with environment(FTSWEEP_CACHE=str(work / "cache")):
             figures = measure(args, work)
     finally:
@@ -320,20 +322,6 @@ def print_table(report: dict) -> None:
           f"{min(load):.1f} to {max(load):.1f} at the phases' starts; {report['bench_wall_s']:.0f} s)")
     for warning in report["warnings"]:
         print(f"WARNING {warning}")
-
-
-@contextmanager
-def environment(**values):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 if __name__ == "__main__":

@@ -125,20 +125,26 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
                       run_config=run_config)
 
 
-@contextlib.contextmanager
 def json_results_only():
     """Within it, Tune writes each trial's results once, as the JSON lines resume reads
     (``JsonLoggerCallback``, which ``build_tuner`` adds), and not again as CSV and
     TensorBoard files: MLflow holds the metrics. Tune's default is all three."""
-    before = os.environ.get("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS")
-    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"
+    return environment(TUNE_DISABLE_AUTO_CALLBACK_LOGGERS="1")
+
+
+@contextlib.contextmanager
+def environment(**values):
+    """Set these environment variables within it; put back what was there."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
     finally:
-        if before is None:
-            os.environ.pop("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", None)
-        else:
-            os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = before
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _trial_name(trial) -> str:
