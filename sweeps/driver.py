@@ -13,8 +13,13 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
 from sweeps.progress import LiveStatus
+from sweeps.tracking import OBJECTIVE
 from trainables.ray_trial import trainable
 
+# Checkpoints are scored by their own epoch's val_acc; trials are judged (TPE, ASHA) by
+# OBJECTIVE, their best val_acc so far, the number the summary and report rank them by.
+# ASHA too: at a rung it compares trials by what they have shown they can reach, so one
+# noisy epoch at the rung does not cut a trial whose best already beats the others.
 METRIC, MODE = "val_acc", "max"
 
 
@@ -91,7 +96,7 @@ def search_algorithm(space, max_concurrent: int | None, warm_start=None):
     sampler = optuna.samplers.TPESampler(seed=space.seed, multivariate=True, constant_liar=True,
                                          n_startup_trials=space.n_startup_trials)
     earlier = warm_start.points if warm_start and warm_start.points else None
-    search = OptunaSearch(sampler=sampler, metric=METRIC, mode=MODE, points_to_evaluate=earlier,
+    search = OptunaSearch(sampler=sampler, metric=OBJECTIVE, mode=MODE, points_to_evaluate=earlier,
                           evaluated_rewards=warm_start.rewards if earlier else None)
     return ConcurrencyLimiter(search, max_concurrent) if max_concurrent else search
 
@@ -116,7 +121,7 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable_, resume_errored=True,
                                   param_space=param_space(space))
     tune_config = tune.TuneConfig(
-        metric=METRIC, mode=MODE, num_samples=plan.trials, scheduler=scheduler,
+        metric=OBJECTIVE, mode=MODE, num_samples=plan.trials, scheduler=scheduler,
         search_alg=search_algorithm(space, plan.max_concurrent, plan.warm_start),
         max_concurrent_trials=None if space.search else plan.max_concurrent,
         reuse_actors=True, time_budget_s=plan.time_budget,

@@ -28,6 +28,15 @@ from sweeps.writer import Writer, WriterProcess
 EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "lr", "img_per_s", "epoch_s", "best_val_acc",
                  "sparsity", "nonzero_params")
 TAG_SWEEP, TAG_ROLE, TAG_TRIAL = "ftsweep.sweep", "ftsweep.role", "ftsweep.trial_id"
+TAG_OUTCOME, TAG_STOP_REASON = "outcome", "stop_reason"
+# What the sweep ran on, as one JSON tag of its parent run: --resume compares with it.
+TAG_INPUTS = "ftsweep.inputs"
+# The one number that ranks trials everywhere: TPE's objective, ASHA's rungs, the summary,
+# the report and --warm-start all use a trial's best val_acc (the running max it reports).
+OBJECTIVE, MODE = "best_val_acc", "max"
+# A finished trial's outcome: it ran its own budget, ASHA or patience stopped it, the
+# sweep's --time-budget ran out while it trained, or it raised or diverged.
+OUTCOMES = ("completed", "stopped_early", "time_budget", "errored")
 SHORT = {"lr": "lr", "decay_power": "γ", "frozen_depth": "frozen", "weight_decay": "wd",
          "optimizer": "opt", "batch_size": "bs"}
 

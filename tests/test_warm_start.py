@@ -12,9 +12,9 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces.loader import load_space
-from sweeps.driver import METRIC, MODE, param_space, search_algorithm
+from sweeps.driver import param_space, search_algorithm
 from sweeps.run import main
-from sweeps.tracking import TAG_ROLE, TAG_SWEEP, TAG_TRIAL
+from sweeps.tracking import MODE, OBJECTIVE, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
 from sweeps.warm_start import earlier_trials
 
 from conftest import run_sweep
@@ -75,7 +75,7 @@ def test_the_earlier_trials_are_in_the_study_before_the_first_new_trial_is_sampl
     space = load_space("smoke")
     start = earlier_trials(uri, "earlier", space, log=lambda _: None)
     searcher = search_algorithm(space, 2, start)  # a ConcurrencyLimiter, as the driver builds it
-    assert searcher.set_search_properties(METRIC, MODE, param_space(space))
+    assert searcher.set_search_properties(OBJECTIVE, MODE, param_space(space))
     study = searcher.searcher._ot_study
     assert [(t.state, t.params, t.value) for t in study.trials] == [
         (optuna.trial.TrialState.COMPLETE, point, reward)
@@ -83,7 +83,28 @@ def test_the_earlier_trials_are_in_the_study_before_the_first_new_trial_is_sampl
     config = searcher.suggest("new-trial")
     assert len(study.trials) == 3 and study.trials[2].state == optuna.trial.TrialState.RUNNING
     assert {k: config[k] for k in space.search} == study.trials[2].params
-    assert search_algorithm(space, None, None).set_search_properties(METRIC, MODE, param_space(space))
+    assert search_algorithm(space, None, None).set_search_properties(OBJECTIVE, MODE, param_space(space))
+
+
+def test_tpe_is_told_each_trials_best_val_acc_not_its_last(tracking):
+    """One objective: a trial that peaked at 0.8 and ended at 0.5 counts as 0.8 in TPE's
+    study, as it does in the summary, the report and the warm-start rewards."""
+    uri, _ = tracking
+    space = load_space("smoke")
+    start = earlier_trials(uri, "earlier", space, log=lambda _: None)
+    searcher = search_algorithm(space, None, start)
+    # as the Tuner does: its metric is the driver's, so the searcher must keep the objective
+    from sweeps import driver
+    assert searcher.set_search_properties(None, None, param_space(space))
+    assert searcher.metric == OBJECTIVE
+    searcher.suggest("t1")
+    last = {"epoch": 3, "val_acc": 0.5, "best_val_acc": 0.8, "training_iteration": 3}
+    searcher.on_trial_complete("t1", result=last)
+    study = searcher._ot_study
+    assert study.trials[-1].value == 0.8
+    # warm-start rewards are the same quantity: the best of the earlier trial's val_acc
+    assert start.rewards[0] == max(EARLIER[0][2])
+    assert driver.METRIC == "val_acc"  # checkpoints stay scored by their own epoch
 
 
 def test_an_unknown_earlier_sweep_or_a_space_without_search_stops_before_anything_starts(
