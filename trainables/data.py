@@ -2,9 +2,11 @@
 
 Decoding JPEGs is the most expensive thing a small fine-tuning trial does besides the
 forward pass, and in a sweep every trial would decode the same files. So the driver
-decodes every image once, resized to the sweep's image size, into one ``(N, H, W, 3)``
-uint8 array per split, stored as ``.npy`` under a key made of the dataset's fingerprint
-and the image size. Trials memory-map it: the pages are shared by every trial on a node.
+decodes every image once, its short side resized to ``decode_size(image_size)`` (the
+image size / 0.875) and centre-cropped square, into one ``(N, D, D, 3)`` uint8 array per
+split, stored as ``.npy`` under a key made of the dataset's fingerprint and both sizes.
+Trials memory-map it: the pages are shared by every trial on a node. The batches a trial
+reads from it are ``trainables.pipeline.Batches``.
 """
 
 from __future__ import annotations
@@ -15,17 +17,19 @@ import json
 import math
 import os
 import shutil
+import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 
+from trainables.pipeline import Batches, decode_size  # noqa: F401 - Batches: its import path
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: decoded at image_size / 0.875, room for crops
 
 # Counts calls of decode_image in this process; tests use it to prove trials never decode.
 DECODE_COUNT = 0
@@ -191,38 +195,88 @@ class DataHandle:
         return self.dataset.classes
 
     @property
+    def decode_size(self) -> int:
+        """The cached images' side: room around the centre ``image_size`` crop."""
+        return decode_size(self.image_size)
+
+    @property
     def key(self) -> str:
-        return f"{self.dataset.fingerprint}-{self.image_size}px-v{CACHE_VERSION}"
+        return f"{self.dataset.fingerprint}-{self.image_size}px-d{self.decode_size}-v{CACHE_VERSION}"
 
     @property
     def path(self) -> Path:
         return Path(self.cache_dir) / self.key
 
     def ensure(self, workers: int | None = None) -> Path:
-        """Build the cache on this node unless it is there; one builder per node."""
-        if not (self.path / "meta.json").exists():
+        """Build the cache on this node unless a whole one is there; one builder per node."""
+        if cache_problem(self.path) is not None:
             self.prepare(skip_bad=False, workers=workers)
         return self.path
 
-    def prepare(self, skip_bad: bool, workers: int | None = None) -> DataHandle:
+    def prepare(self, skip_bad: bool, workers: int | None = None, log=None) -> DataHandle:
         """Decode every image once into the cache; this is also the validation pass.
 
         Unreadable or truncated images, and files that are not images, stop it with the
         full list, or with ``skip_bad`` are left out: the returned handle's dataset no
-        longer has them and lists them in ``dataset.skipped``.
+        longer has them and lists them in ``dataset.skipped``. A cache that is there but
+        damaged (a truncated or corrupt file) is rebuilt, with a message naming it.
         """
-        Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
-        with open(Path(self.cache_dir) / f"{self.key}.lock", "w") as lock:
+        log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
+        try:
+            Path(self.cache_dir).mkdir(parents=True, exist_ok=True)
+            lock = open(Path(self.cache_dir) / f"{self.key}.lock", "w")  # noqa: SIM115
+        except OSError as e:
+            raise DataError(f"cache folder {self.cache_dir} cannot be written "
+                            f"({e.strerror or type(e).__name__}); pass a writable one") from None
+        with lock:
             fcntl.flock(lock, fcntl.LOCK_EX)  # a second builder waits, then finds it done
-            if (self.path / "meta.json").exists():
+            problem = cache_problem(self.path)
+            if problem is None:
                 return self
+            if self.path.exists():
+                log(f"decoded cache {problem}: rebuilding it")
+                trash = Path(tempfile.mkdtemp(dir=self.cache_dir, prefix=f".{self.key}.bad."))
+                os.replace(self.path, trash / "cache")  # readers that mapped it keep their pages
+                shutil.rmtree(trash, ignore_errors=True)
             return _build(self, workers or os.cpu_count() or 1, skip_bad)
 
     def arrays(self, split: str) -> tuple[np.ndarray, np.ndarray]:
-        """Memory-mapped ``(N, H, W, 3)`` uint8 images and int64 labels of a split."""
+        """Memory-mapped ``(N, D, D, 3)`` uint8 images and int64 labels of a split."""
         path = self.ensure()
         return (np.load(path / f"{split}_x.npy", mmap_mode="r"),
                 np.load(path / f"{split}_y.npy"))
+
+
+CACHE_FILES = ("train_x.npy", "train_y.npy", "val_x.npy", "val_y.npy")
+
+
+def cache_problem(path: Path) -> str | None:
+    """What is wrong with the decoded cache at ``path`` (naming the file), or None when it
+    is whole: meta.json parses, and every array's file is as long as its header says."""
+    meta = path / "meta.json"
+    if not meta.exists():
+        return f"{path} is missing" if not path.exists() else f"{meta} is missing"
+    try:
+        counts = json.loads(meta.read_text())["counts"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return f"{meta} is corrupt ({type(e).__name__})"
+    for name in CACHE_FILES:
+        f = path / name
+        try:
+            with open(f, "rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                        else np.lib.format.read_array_header_2_0)
+                shape, _, dtype = read(fh)
+                expected = fh.tell() + math.prod(shape) * dtype.itemsize
+            size = f.stat().st_size
+        except (OSError, ValueError, TypeError) as e:
+            return f"{f} is unreadable or corrupt ({type(e).__name__}: {e})"
+        if size != expected:
+            return f"{f} is truncated or corrupt ({size} bytes, its header says {expected})"
+        if not shape or shape[0] != counts.get(name.split("_")[0]):
+            return f"{f} holds {shape[0] if shape else 0} rows, meta.json says {counts}"
+    return None
 
 
 def _try_decode(path: str, size: int) -> np.ndarray | str:
@@ -260,66 +314,24 @@ def _build(handle: DataHandle, workers: int, skip_bad: bool) -> DataHandle:
     try:
         bad = {}
         for name in ("train", "val"):
-            bad |= _decode_split(getattr(ds, name), handle.image_size, workers, tmp / f"{name}_x.npy")
+            bad |= _decode_split(getattr(ds, name), handle.decode_size, workers, tmp / f"{name}_x.npy")
         if (bad or ds.not_images) and not skip_bad:
             problems = [f"{p}: not an image" for p in ds.not_images] + [f"{p}: {r}" for p, r in bad.items()]
             raise DataError(_listing(ds.root, problems) +
                             "\nfix or remove them, or pass --skip-bad-images to leave them out")
         if bad or ds.not_images:
             handle = replace(handle, dataset=ds.without(bad))
-            if (handle.path / "meta.json").exists():
+            if cache_problem(handle.path) is None:
                 return handle
+            shutil.rmtree(handle.path, ignore_errors=True)  # a damaged one: replaced below
         for name in ("train", "val"):
             np.save(tmp / f"{name}_y.npy", np.asarray(getattr(handle.dataset, name).labels, dtype=np.int64))
         meta = {"classes": list(handle.classes), "image_size": handle.image_size,
-                "fingerprint": handle.dataset.fingerprint, "decodes": len(ds)}
+                "decode_size": handle.decode_size, "fingerprint": handle.dataset.fingerprint,
+                "decodes": len(ds), "counts": {name: len(getattr(handle.dataset, name))
+                                               for name in ("train", "val")}}
         (tmp / "meta.json").write_text(json.dumps(meta))
         os.replace(tmp, handle.path)  # atomic: a reader sees no cache or a whole one
         return handle
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-
-
-class Batches:
-    """Seeded mini-batches from cached uint8 NHWC images, normalised and optionally
-    augmented; or, with ``mean=None``, from cached float features, as they are."""
-
-    def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
-                 mean, std, shuffle: bool, augment_strength: float = 0.0, hflip: bool = True,
-                 generator: torch.Generator | None = None):
-        self.images, self.labels = images, torch.as_tensor(np.asarray(labels))
-        self.batch_size, self.shuffle = batch_size, shuffle
-        self.mean = None if mean is None else torch.tensor(mean).view(1, 3, 1, 1) * 255
-        self.std = None if std is None else torch.tensor(std).view(1, 3, 1, 1) * 255
-        self.generator = generator
-        self.augment = _augmentation(images.shape[1], augment_strength, hflip)
-
-    def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
-
-    def __iter__(self):
-        n = len(self.labels)
-        order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            idx = order[start:start + self.batch_size].sort().values.numpy()  # sorted: sequential mmap reads
-            x = torch.from_numpy(np.ascontiguousarray(self.images[idx]))
-            if self.mean is None:
-                yield x, self.labels[idx]
-                continue
-            x = x.permute(0, 3, 1, 2)
-            if self.augment is not None:
-                x = torch.stack([self.augment(img) for img in x])
-            yield (x.float() - self.mean) / self.std, self.labels[idx]
-
-
-def _augmentation(size: int, strength: float, hflip: bool):
-    """RandomResizedCrop whose smallest crop shrinks with ``strength`` (1: scale 0.08, as
-    torchvision's reference recipe), plus an optional horizontal flip; None when off."""
-    if strength <= 0:
-        return None
-    from torchvision.transforms import v2
-
-    ops = [v2.RandomResizedCrop(size, scale=(1 - 0.92 * strength, 1.0), antialias=True)]
-    if hflip:
-        ops.append(v2.RandomHorizontalFlip())
-    return v2.Compose(ops)

@@ -65,7 +65,7 @@ def _build(cfg, data, staged, device, path: Path, log) -> bool:
     k = cfg.frozen_depth
     images = {split: data.arrays(split)[0] for split in ("train", "val")}
     with torch.no_grad():
-        probe = staged.forward_stages(next(iter(_batches(images["train"][:1], data)))[0], end=k)[0]
+        probe = staged.forward_stages(next(iter(_batches(images["train"][:1], data, device)))[0], end=k)[0]
     shape = tuple(probe.shape)
     need = sum(len(x) for x in images.values()) * math.prod(shape) * 4
     limit = min(MAX_BYTES, shutil.disk_usage(path.parent).free // 4)
@@ -80,8 +80,8 @@ def _build(cfg, data, staged, device, path: Path, log) -> bool:
                                             shape=(len(x), *shape))
             i = 0
             with torch.no_grad():
-                for batch, _ in _batches(x, data):
-                    feats = staged.forward_stages(batch.to(device), end=k).float().cpu().numpy()
+                for batch, _ in _batches(x, data, device):
+                    feats = staged.forward_stages(batch, end=k).float().cpu().numpy()
                     out[i:i + len(feats)] = feats
                     i += len(feats)
             out.flush()
@@ -94,6 +94,8 @@ def _build(cfg, data, staged, device, path: Path, log) -> bool:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _batches(x: np.ndarray, data: DataHandle):
+def _batches(x: np.ndarray, data: DataHandle, device="cpu"):
+    """The images as validation sees them: the centre ``image_size`` crop, normalised."""
     labels = np.zeros(len(x), dtype=np.int64)
-    return Batches(x, labels, 128, mean=data.mean, std=data.std, shuffle=False)
+    return Batches(x, labels, 128, mean=data.mean, std=data.std, shuffle=False,
+                   crop=data.image_size, device=device)

@@ -7,6 +7,7 @@ is the thin adapter that plugs it into Ray Tune.
 
 from __future__ import annotations
 
+import itertools
 import math
 import tempfile
 import time
@@ -82,7 +83,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
 
     gen = torch.Generator().manual_seed(cfg.seed)
     decodes_before = data_module.DECODE_COUNT  # a cache built on this node by this trial counts
-    train, val, start = make_batches(cfg, data, model, staged, device, gen)
+    train, val, start = make_batches(cfg, data, model, staged, device, gen, options)
 
     # Listed before any pruning: pruning re-registers each weight as weight_orig, which
     # would change the order the optimizer's saved state is matched by.
@@ -136,10 +137,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
                    "img_per_s": seen / train_s, "epoch_s": time.perf_counter() - t0,
                    "best_val_acc": state["best_val_acc"], "cached_stages": start,
                    "sparsity": prune.sparsity(prunable), "nonzero_params": prune.nonzero_params(model),
-                   # for benchmarks: when training began, and images decoded inside this trial
-                   "first_step_time": step.first_step_time,
-                   "decodes_in_trial": data_module.DECODE_COUNT - decodes_before,
-                   "threads": torch.get_num_threads()}
+                   **bench_counters(step, decodes_before)}
         stop = cfg.patience > 0 and epoch - state["phase_best_epoch"] >= cfg.patience
         if stop:
             metrics["early_stopped"] = 1
@@ -153,9 +151,21 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
     return metrics
 
 
-def make_batches(cfg: TrialConfig, data: DataHandle, model, staged, device, gen):
-    """Train and val batches, and the first stage they enter: 0 for images, k when the
-    frozen prefix's cached outputs stand in for the images (``trainables.features``)."""
+def bench_counters(step: Step, decodes_before: int) -> dict:
+    """For the benchmarks: when training began, images decoded inside this trial, threads."""
+    return {"first_step_time": step.first_step_time,
+            "decodes_in_trial": data_module.DECODE_COUNT - decodes_before,
+            "threads": torch.get_num_threads()}
+
+
+def make_batches(cfg: TrialConfig, data: DataHandle, model, staged, device, gen,
+                 options: DeviceOptions | None = None):
+    """Train and val batches on ``device``, and the first stage they enter: 0 for images, k
+    when the frozen prefix's cached outputs stand in for the images (``trainables.features``).
+
+    The host gathers uint8 batches (page-locked with ``pin_memory``) in a background thread;
+    cropping, augmenting and normalising run on the device (``trainables.pipeline``)."""
+    options = options or DeviceOptions()
     train_x, train_y = data.arrays("train")
     val_x, val_y = data.arrays("val")
     mean, std, start = data.mean, data.std, 0
@@ -164,9 +174,11 @@ def make_batches(cfg: TrialConfig, data: DataHandle, model, staged, device, gen)
         cached = features.prefix_features(cfg, data, staged, device)
         if cached is not None:
             train_x, val_x, mean, std, start = cached["train"], cached["val"], None, None, cfg.frozen_depth
+    on_device = dict(crop=cfg.image_size, device=device, pin_memory=options.pin_memory,
+                     dtype=options.amp_dtype, channels_last=options.channels_last)
     train = Batches(train_x, train_y, cfg.batch_size, mean=mean, std=std, shuffle=True,
-                    augment_strength=cfg.augment_strength, hflip=cfg.hflip, generator=gen)
-    val = Batches(val_x, val_y, cfg.batch_size * 2, mean=mean, std=std, shuffle=False)
+                    augment_strength=cfg.augment_strength, hflip=cfg.hflip, generator=gen, **on_device)
+    val = Batches(val_x, val_y, cfg.batch_size * 2, mean=mean, std=std, shuffle=False, **on_device)
     return train, val, start
 
 
@@ -221,12 +233,14 @@ class Step:
                           if p.requires_grad and p.ndim > 1] if cfg.l1 > 0 else []
 
     def to_device(self, x, y):
-        if self.options.pin_memory:
-            x, y = x.pin_memory(), y.pin_memory()
-        x = x.to(self.device, non_blocking=True)
+        """Batches from ``Batches`` are on the device already; plain tensors are moved."""
+        if x.device != self.device:
+            if self.options.pin_memory:
+                x, y = x.pin_memory(), y.pin_memory()
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
         if self.options.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
-        return x, y.to(self.device, non_blocking=True)
+        return x, y
 
     def logits(self, x, training: bool):
         with self.autocast:
@@ -234,37 +248,57 @@ class Step:
             return self.staged.forward_head(feats, self.cfg.dropout, training).float()
 
     def train_epoch(self, batches) -> tuple[float, int]:
-        total, seen = 0.0, 0
-        for x, y in batches:
-            x, y = self.to_device(x, y)
-            loss = F.cross_entropy(self.logits(x, True), y,
-                                   label_smoothing=self.cfg.label_smoothing)
-            value = loss.item()
-            if not math.isfinite(value):
-                raise TrialDiverged(f"training loss became {value} at lr "
-                                    f"{self.optimizer.param_groups[0]['lr']:.3g}")
-            if self.penalised:
-                loss = loss + self.cfg.l1 * sum(p.abs().sum() for p in self.penalised)
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
-            self.scaler.update()
-            self.scheduler.step()
-            self.first_step_time = self.first_step_time or time.time()
-            total += value * len(y)
+        """Mean training loss and images seen. The loss is summed on the device and read
+        once, at the end: a read per step would make the host wait for the device every
+        step. A NaN or infinite loss makes the sum so, and stops the trial here."""
+        lr = self.optimizer.param_groups[0]["lr"]
+        total = torch.zeros((), dtype=torch.float64, device=self.device)
+        seen = 0
+        batches = iter(batches)
+        for x, y in itertools.islice(batches, 1):  # the first step, timed for the benchmarks
+            total += self.train_step(x, y)
             seen += len(y)
-        return total / max(seen, 1), seen
+            self.first_step_time = self.first_step_time or time.time()
+        for x, y in batches:
+            total += self.train_step(x, y)
+            seen += len(y)
+        value = _read(total)[0] / max(seen, 1)
+        if not math.isfinite(value):
+            raise TrialDiverged(f"training loss became {value} in an epoch that began at lr {lr:.3g}")
+        return value, seen
+
+    def train_step(self, x, y) -> torch.Tensor:
+        """One optimizer step; returns the batch's summed loss, detached, on the device."""
+        x, y = self.to_device(x, y)
+        loss = F.cross_entropy(self.logits(x, True), y, label_smoothing=self.cfg.label_smoothing)
+        summed = loss.detach().double() * len(y)
+        if self.penalised:
+            loss = loss + self.cfg.l1 * sum(p.abs().sum() for p in self.penalised)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.update()
+        self.scheduler.step()
+        return summed
+
+
+def _read(*values: torch.Tensor) -> list[float]:
+    """The one place the loop reads numbers back from the device (a synchronisation)."""
+    return torch.stack([v.double() for v in values]).tolist()
 
 
 @torch.no_grad()
 def evaluate(step: Step, batches) -> tuple[float, float]:
     """Mean cross-entropy (without label smoothing) and accuracy over ``batches``."""
     step.model.eval()
-    loss, correct, n = 0.0, 0, 0
+    loss = torch.zeros((), dtype=torch.float64, device=step.device)
+    correct = torch.zeros((), dtype=torch.int64, device=step.device)
+    n = 0
     for x, y in batches:
         x, y = step.to_device(x, y)
         logits = step.logits(x, False)
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+        loss += F.cross_entropy(logits, y, reduction="sum")
+        correct += (logits.argmax(1) == y).sum()
         n += len(y)
-    return loss / max(n, 1), correct / max(n, 1)
+    loss_sum, correct_sum = _read(loss, correct)  # read once, after the last batch
+    return loss_sum / max(n, 1), correct_sum / max(n, 1)
