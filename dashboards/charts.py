@@ -11,8 +11,8 @@ import pandas as pd
 from dashboards.frame import Searched, Sweep
 from dashboards.svg import Bands, Figure, Scale, fmt, padded
 
-OUTCOME_COLOURS = {"completed": "#2563eb", "stopped_early": "#f59e0b", "errored": "#dc2626",
-                   "running": "#6b7280"}
+OUTCOME_COLOURS = {"completed": "#2563eb", "stopped_early": "#f59e0b", "time_budget": "#a855f7",
+                   "errored": "#dc2626", "running": "#6b7280"}
 BEST, SEED = "#047857", "#7c3aed"
 PRUNED, DENSE = "#2563eb", "#9ca3af"
 # viridis without its palest yellow, which vanishes on white

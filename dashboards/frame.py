@@ -18,10 +18,11 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
+from sweeps.tracking import OUTCOMES as FINISHED_OUTCOMES
 from sweeps.tracking import TAG_ROLE, TAG_SWEEP, TAG_TRIAL
 from trainables.config import TrialConfig, coerce
 
-OUTCOMES = ("completed", "stopped_early", "errored", "running")
+OUTCOMES = (*FINISHED_OUTCOMES, "running")
 SEED_RECIPE = "seed_recipe"
 
 

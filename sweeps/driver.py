@@ -22,6 +22,10 @@ from trainables.ray_trial import trainable
 # noisy epoch at the rung does not cut a trial whose best already beats the others.
 METRIC, MODE = "val_acc", "max"
 
+# Trials ASHA stopped in this driver process. Tune ends them through the same call as the
+# trials it stops when --time-budget runs out, so the outcome is told apart by this.
+ASHA_STOPPED: set[str] = set()
+
 
 class ResumableASHA(ASHAScheduler):
     """ASHA whose rungs survive ``Tuner.restore``.
@@ -33,6 +37,12 @@ class ResumableASHA(ASHAScheduler):
     """
 
     _replayed = False
+
+    def on_trial_result(self, tune_controller, trial, result):
+        decision = super().on_trial_result(tune_controller, trial, result)
+        if decision == self.STOP:  # what tells ASHA's stops from --time-budget's (tracking.py)
+            ASHA_STOPPED.add(trial.trial_id)
+        return decision
 
     def choose_trial_to_run(self, tune_controller):
         if not self._replayed:

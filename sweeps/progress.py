@@ -7,21 +7,25 @@ import time
 
 from ray.tune import ProgressReporter
 
-from sweeps.tracking import outcome_of
+from sweeps.tracking import OUTCOMES, MlflowTrials, outcome_of, trial_budget
 
 METRIC = "val_acc"
 
 
 def counts(trials, max_epochs: int) -> dict[str, int]:
-    """Trials by state: pending, running, and the three outcomes of a finished trial."""
-    out = {"pending": 0, "running": 0, "completed": 0, "stopped_early": 0, "errored": 0}
+    """Trials by state: pending, running, and the outcomes of finished trials (as MLflow
+    tagged them, else judged against each trial's own budget)."""
+    out = {"pending": 0, "running": 0, **dict.fromkeys(OUTCOMES, 0)}
+    tagged = MlflowTrials.active.outcomes if MlflowTrials.active else {}
     for t in trials:
         if t.status in ("PENDING", "PAUSED"):
             out["pending"] += 1
         elif t.status == "RUNNING":
             out["running"] += 1
         else:
-            out[outcome_of(t.last_result or {}, t.status == "ERROR", max_epochs)] += 1
+            config = getattr(t, "config", None)
+            budget = trial_budget(config) if config else max_epochs
+            out[tagged.get(t.trial_id) or outcome_of(t.last_result or {}, t.status == "ERROR", budget)] += 1
     return out
 
 
@@ -39,7 +43,9 @@ def status_line(trials, max_epochs: int, total: int, elapsed: float) -> str:
     best_text = (f"best val_acc {found[0]:.4f} (trial {found[1]})" if found else "best val_acc -")
     return (f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {len(trials)}/{total} trials: "
             f"{c['running']} running, {c['pending']} pending, {c['completed']} completed, "
-            f"{c['stopped_early']} stopped early, {c['errored']} errored | {best_text}")
+            f"{c['stopped_early']} stopped early, "
+            f"{f'{n} cut by the time budget, ' if (n := c['time_budget']) else ''}"
+            f"{c['errored']} errored | {best_text}")
 
 
 class LiveStatus(ProgressReporter):

@@ -72,7 +72,7 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
     best_dir = sweep_dir / "best"
     if best is not None:
         summary.export_best(best[2], best_dir)
-    counts = summary.count_trials(results, max_epochs)
+    counts = summary.count_trials(results, tracker.outcomes)
     pending = tracker.finish(best_dir if best else None,
                              {"best_val_acc": best[1]["val_acc"] if best else 0.0, **counts,
                               "wall_s": time.time() - started,
@@ -90,7 +90,7 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
 def _print_end(info: dict, tracker, pending: list) -> None:
     t = info["trials"]
     print(f"\nTrials: {t['completed']} completed, {t['stopped_early']} stopped early, "
-          f"{t['errored']} errored in {info['wall_s']:.0f} s")
+          f"{t['time_budget']} cut by the time budget, {t['errored']} errored in {info['wall_s']:.0f} s")
     best = info["best"]
     if best:
         searched = ", ".join(f"{k}={fmt(best['config'][k])}" for k in tracker.plan.space.search)

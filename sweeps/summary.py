@@ -10,15 +10,19 @@ from pathlib import Path
 
 import torch
 
-from sweeps.tracking import outcome_of, redact, trial_id_of
+from sweeps.tracking import OUTCOMES, outcome_of, redact, trial_budget, trial_id_of
 
 METRIC, MODE = "val_acc", "max"
 
 
-def count_trials(results, max_epochs: int) -> dict:
-    counts = {"completed": 0, "stopped_early": 0, "errored": 0}
+def count_trials(results, outcomes: dict[str, str] | None = None) -> dict:
+    """Trials by outcome: as the tracker tagged them in MLflow (``outcomes``, by trial id),
+    else judged from the trial's last result against its own budget."""
+    counts = dict.fromkeys(OUTCOMES, 0)
     for r in results:
-        counts[outcome_of(r.metrics or {}, r.error is not None, max_epochs)] += 1
+        outcome = (outcomes or {}).get(trial_id_of(r)) or \
+            outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config))
+        counts[outcome] = counts.get(outcome, 0) + 1
     return counts
 
 
@@ -66,11 +70,10 @@ def checkpoint_bytes(sweep_dir: Path) -> int:
 
 
 def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending: list) -> dict:
-    max_epochs = plan.total_epochs
     summary = {
         "name": plan.name, "space": plan.space.name, "tracking_uri": redact(plan.tracking_uri),
         "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id,
-        "trials": count_trials(results, max_epochs), "wall_s": round(wall_s, 2),
+        "trials": count_trials(results, getattr(tracker, "outcomes", None)), "wall_s": round(wall_s, 2),
         "total_trial_epochs": total_epochs(results),
         "best": None, "sweep_dir": plan.sweep_dir, "model": plan.space.config().model,
         "dataset": plan.dataset_label, "unlogged_mlflow_writes": len(pending),

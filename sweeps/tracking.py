@@ -97,6 +97,7 @@ class SweepTracker:
         self.trial_numbers: dict[str, int] = {}
         self.last_step: dict[str, int] = {}  # per trial: epochs already logged
         self.ended: set[str] = set()
+        self.outcomes: dict[str, str] = {}  # per ended trial, as tagged in MLflow
         self._start_parent()  # in this process: the sweep needs its parent run id now
         self.started = set(self.write.run_ids) - {"parent"}  # trials that have a run, or one queued
         # from here on, writes leave through a child process: Tune's loop never waits on MLflow
@@ -118,8 +119,9 @@ class SweepTracker:
                 self.trial_numbers[trial_id] = int(run.data.tags.get("ftsweep.trial_number", 0))
                 history = self.client.get_metric_history(run.info.run_id, "val_acc")
                 self.last_step[trial_id] = max((m.step for m in history), default=0)
-                if run.data.tags.get("outcome", "running") != "running":
+                if run.data.tags.get(TAG_OUTCOME, "running") != "running":
                     self.ended.add(trial_id)
+                    self.outcomes[trial_id] = run.data.tags[TAG_OUTCOME]
             return
         space, cfg = plan.space, plan.space.config()
         # warm_start: the parent run whose trials TPE started from (sweeps/warm_start.py)
@@ -181,8 +183,11 @@ class SweepTracker:
         self.write("batch", trial_id, metrics=metrics)
 
     def end_trial(self, trial_id: str, outcome: str, reason: str = "") -> None:
+        if trial_id not in self.started:
+            return  # stopped before it ever ran (a pending trial when the time budget ran out)
         self.ended.add(trial_id)
-        tags = {"outcome": outcome, **({"stop_reason": reason} if reason else {})}
+        self.outcomes[trial_id] = outcome
+        tags = {TAG_OUTCOME: outcome, **({TAG_STOP_REASON: reason} if reason else {})}
         if outcome == "errored":
             tags["error"] = reason[-5000:]
         self.write("batch", trial_id, metrics=[], tags=tags)
@@ -200,8 +205,9 @@ class SweepTracker:
             trial_id = trial_id_of(r)
             known.add(trial_id)
             if trial_id and trial_id in self.started and trial_id not in self.ended:
-                outcome = outcome_of(r.metrics or {}, r.error is not None, max_epochs)
-                self.end_trial(trial_id, outcome, str(r.error or "")[-2000:] if r.error else "")
+                outcome = outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config))
+                reason = str(r.error)[-2000:] if r.error else stop_reason(r.metrics or {}, outcome)
+                self.end_trial(trial_id, outcome, reason)
         for trial_id in set(self.trial_numbers) - known:
             if trial_id not in self.ended:
                 self.write("batch", trial_id, metrics=[], tags={
@@ -235,13 +241,36 @@ def trial_id_of(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
 
 
-def outcome_of(last_result: dict, errored: bool, max_epochs: int) -> str:
-    """completed, stopped_early (by ASHA or patience) or errored (raised, or diverged)."""
+def outcome_of(last_result: dict, errored: bool, budget: int, cut_by_time: bool = False) -> str:
+    """One of OUTCOMES. ``budget`` is the trial's own epochs (``trial_budget``): a trial
+    that ran them all completed, whatever the longest trial of the sweep may run. One that
+    ended before them was stopped early (by ASHA or patience), or, ``cut_by_time``, cut by
+    the sweep's --time-budget."""
     if errored or last_result.get("diverged"):
         return "errored"
-    if last_result.get("early_stopped") or int(last_result.get("epoch", 0)) < max_epochs:
+    if last_result.get("early_stopped"):
         return "stopped_early"
-    return "completed"
+    if int(last_result.get("epoch", 0)) >= budget:
+        return "completed"
+    return "time_budget" if cut_by_time else "stopped_early"
+
+
+def trial_budget(config: dict | None) -> int:
+    """The epochs a trial was given by its own config: max_epochs, plus recovery_epochs
+    when it prunes (``TrialConfig.total_epochs``)."""
+    from trainables.config import TrialConfig
+
+    known = TrialConfig.keys()
+    return TrialConfig.from_dict({k: v for k, v in (config or {}).items() if k in known}).total_epochs
+
+
+def stop_reason(last_result: dict, outcome: str) -> str:
+    """Why a trial that did not complete ended, for the ``stop_reason`` tag."""
+    if outcome == "completed":
+        return ""
+    if outcome == "time_budget":
+        return "time_budget"
+    return last_result.get("stop_reason") or ("patience" if last_result.get("early_stopped") else "asha")
 
 
 def fmt(value) -> str:
@@ -273,11 +302,14 @@ class MlflowTrials(Callback):
         self.tracker.log_epoch(trial.trial_id, result)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
+        from sweeps.driver import ASHA_STOPPED
+
         last = trial.last_result or {}
-        outcome = outcome_of(last, False, self.max_epochs)
-        reason = ("" if outcome == "completed" else last.get("stop_reason") or
-                  ("patience" if last.get("early_stopped") else "asha"))
-        self.tracker.end_trial(trial.trial_id, outcome, reason)
+        # Tune stops every running trial when --time-budget runs out, through the same
+        # call as ASHA's stops; ASHA's are the ones its scheduler decided (ASHA_STOPPED).
+        by_time = self.tracker.plan.time_budget is not None and trial.trial_id not in ASHA_STOPPED
+        outcome = outcome_of(last, False, trial_budget(trial.config), cut_by_time=by_time)
+        self.tracker.end_trial(trial.trial_id, outcome, stop_reason(last, outcome))
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.tracker.end_trial(trial.trial_id, "errored", error_text(trial))

@@ -20,8 +20,9 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-# ASHA's early stop is a result, as it is for TPE inside a sweep; an errored trial is not.
-FINISHED = ("completed", "stopped_early")
+# ASHA's early stop, or the time budget's, is a result, as it is for TPE inside a sweep
+# (Tune tells the searcher the trial's last result either way); an errored trial is not.
+FINISHED = ("completed", "stopped_early", "time_budget")
 SHOWN = 5  # skipped trials listed by name; the rest are counted
 
 
