@@ -32,6 +32,10 @@ def build_parser() -> argparse.ArgumentParser:
                            "split by a seeded stratified split. Default: the embedded digits demo")
     what.add_argument("--val-fraction", type=float, default=0.2, metavar="F",
                       help="validation share when DIR has no train/val folders (default 0.2)")
+    what.add_argument("--split-seed", type=int, default=0, metavar="N",
+                      help="seed of the stratified train/val split when DIR has no train/val folders "
+                           "(default 0); --seed does not change the split, so sweeps with different "
+                           "seeds are scored on the same validation images")
     what.add_argument("--skip-bad-images", action="store_true",
                       help="leave out unreadable images instead of stopping (their list is logged)")
     what.add_argument("--model", metavar="NAME",
@@ -62,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop starting and running trials after this many seconds")
     budget.add_argument("--max-failures", type=int, default=1, metavar="N",
                         help="retry a failing trial from its last checkpoint up to N times (default 1)")
-    budget.add_argument("--seed", type=int, metavar="N", help="seed for TPE and every trial (default: the space's)")
+    budget.add_argument("--seed", type=int, metavar="N", help="seed for TPE and every trial (default: the space's; the same as --set seed=N). "
+                             "The validation split has its own, --split-seed")
 
     where = p.add_argument_group("where results go")
     where.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from search_spaces.loader import Space, SpaceError, load_space
@@ -42,6 +42,9 @@ class Plan:
     resume: bool
     ray_address: str | None
     warm_start: WarmStart | None = None  # an earlier sweep's trials, for TPE's history
+    split_seed: int = 0  # the stratified train/val split's seed (--split-seed), not the search's
+    val_fraction: float = 0.2
+    inputs: dict = field(default_factory=dict)  # sweeps.tracking.sweep_inputs, on the parent run
     max_acc_drop: float | None = None  # name the smallest model within this of the best val_acc
 
     @property
@@ -72,7 +75,7 @@ def prepare(args, log=print) -> Plan:
 
 
 def _prepare(args, log) -> Plan:
-    from sweeps.tracking import check_tracking_uri
+    from sweeps.tracking import check_tracking_uri, sweep_inputs
 
     space = load_space(args.space)
     is_demo = args.data is None
@@ -92,7 +95,7 @@ def _prepare(args, log) -> Plan:
 
     cfg = space.config()
     root = demo.transfer_folder() if is_demo else Path(args.data).expanduser()
-    dataset = scan(root, val_fraction=args.val_fraction, seed=space.seed)
+    dataset = scan(root, val_fraction=args.val_fraction, seed=args.split_seed)
     weights = args.weights or fixed.get("weights") or ("demo" if is_demo else cfg.weights)
     mean, std = normalization(model, weights if weights == "imagenet" else "none")
     if weights == "demo":
@@ -101,6 +104,11 @@ def _prepare(args, log) -> Plan:
     # or the model does not take this image size (ViT's patch grid is fixed).
     _check_input_size(build_model(model, len(dataset.classes), weights), model, cfg.image_size)
     space = space.override(weights=weights)
+    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
+    label = "digits5-9" if is_demo else root.name
+    name, experiment = _sweep_name(args, space, storage), args.experiment or f"ftsweep-{label}"
+    inputs = sweep_inputs(space, dataset.fingerprint, args.split_seed, args.val_fraction)
+    trials = _check_sweep_name(args, storage, name, experiment, inputs) or args.trials or space.trials
     start = _warm_start(args, space, dataset.fingerprint, log) if args.warm_start else None
 
     # Decoding is the validation pass: every image is read once, here, before anything starts.
@@ -109,12 +117,6 @@ def _prepare(args, log) -> Plan:
     if data.dataset.skipped:
         log(f"Skipping {len(data.dataset.skipped)} bad file(s) (--skip-bad-images); "
             "their list is logged with the sweep as skipped_files.txt")
-    storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
-    label = "digits5-9" if is_demo else root.name
-    name, experiment = _sweep_name(args, space, storage), args.experiment or f"ftsweep-{label}"
-    trials = args.trials or space.trials
-    if args.resume:
-        trials = _resumed_trials(args.tracking_uri, experiment, name, args.trials) or trials
     return Plan(
         space=space, data=data, name=name, storage=storage,
         tracking_uri=args.tracking_uri, experiment=experiment,
@@ -123,19 +125,57 @@ def _prepare(args, log) -> Plan:
         max_concurrent=args.max_concurrent, trials=trials,
         time_budget=args.time_budget, max_failures=args.max_failures, resume=args.resume,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), warm_start=start,
-        max_acc_drop=max_acc_drop)
+        max_acc_drop=max_acc_drop, split_seed=args.split_seed, val_fraction=args.val_fraction,
+        inputs=inputs)
 
 
-def _resumed_trials(uri: str, experiment: str, name: str, asked: int | None) -> int | None:
-    """The trial count a resumed sweep started with (its MLflow parent run says; Ray Tune
-    restores it whatever --trials says). A different --trials is an error, not ignored."""
+def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: dict) -> int | None:
+    """A name is one sweep. Without --resume, an existing sweep of this name (its MLflow
+    parent run, or its folder) stops us; with it, the resumed command must describe the
+    same sweep. Returns the trial count a resumed sweep started with."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(uri)
+    from sweeps.tracking import find_parent_run, recorded_inputs
+
+    client = MlflowClient(args.tracking_uri)
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id], f"tags.`ftsweep.sweep` = '{name}' and "
-                              "tags.`ftsweep.role` = 'parent'", max_results=1) if exp else []
-    logged = runs[0].data.params.get("trials") if runs else None
+    parent = find_parent_run(client, exp.experiment_id, name) if exp else None
+    if not args.resume:
+        folder = Path(storage) / name if "://" not in storage else None
+        if parent is None and not (folder and folder.exists()):
+            return None
+        where = (f"MLflow parent run {parent.info.run_id} in experiment {experiment}" if parent
+                 else f"folder {folder}")
+        raise UsageError(f"--name {name}: a sweep of this name exists already ({where}). "
+                         f"Add --resume to continue it, or pass another --name for a new sweep")
+    was = recorded_inputs(parent) if parent else None
+    if parent is None:  # another --data folder name means another default --experiment
+        parent = find_parent_run(client, None, name)
+        if parent is None:
+            return None
+        was = {**(recorded_inputs(parent) or {}),
+               "experiment": client.get_experiment(parent.info.experiment_id).name}
+        inputs = {**inputs, "experiment": experiment}
+    if was is not None:  # None: a sweep from before its inputs were recorded
+        _check_same_sweep(name, parent, was, inputs)
+    return _resumed_trials(name, parent, args.trials)
+
+
+def _check_same_sweep(name: str, parent, was: dict, inputs: dict) -> None:
+    """--resume continues the sweep only on the inputs it started with."""
+    from sweeps.tracking import input_changes
+
+    changes = input_changes(was, inputs)
+    if changes:
+        raise UsageError(f"--resume: sweep {name} (MLflow run {parent.info.run_id}) started on other "
+                         "inputs; resuming would continue its trials on these:\n  " + "\n  ".join(changes)
+                         + "\nRun the command it started with, or start a new sweep with another --name")
+
+
+def _resumed_trials(name: str, parent, asked: int | None) -> int | None:
+    """The trial count a resumed sweep started with (its MLflow parent run says; Ray Tune
+    restores it whatever --trials says). A different --trials is an error, not ignored."""
+    logged = parent.data.params.get("trials")
     if logged is None:
         return None
     if asked is not None and asked != int(logged):

@@ -8,6 +8,7 @@ still not be sent at the end is kept on disk and reported.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -69,6 +70,39 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
             raise UsageError(f"--tracking-uri {uri}: folder {folder} does not exist")
 
 
+def sweep_inputs(space, fingerprint: str, split_seed: int, val_fraction: float) -> dict[str, str]:
+    """Everything a sweep's results depend on, as text: the space and its searched ranges,
+    every fixed trial setting (model, weights, image size, max_epochs, --set values, the
+    trials' seed), the dataset's content and how it was split. Recorded on the parent run
+    (TAG_INPUTS); ``--resume`` compares it with the resumed command's."""
+    inputs = {"space": space.name, "dataset_fingerprint": fingerprint,
+              "split_seed": str(split_seed), "val_fraction": str(val_fraction)}
+    inputs.update({k: str(v) for k, v in space.config().to_dict().items() if k not in space.search})
+    inputs.update({f"search.{k}": f"{p.type}{p.bounds()}" for k, p in space.search.items()})
+    return inputs
+
+
+def recorded_inputs(parent) -> dict[str, str] | None:
+    """What a parent run recorded with ``sweep_inputs``; None for a sweep from before."""
+    text = parent.data.tags.get(TAG_INPUTS)
+    return json.loads(text) if text else None
+
+
+def input_changes(was: dict[str, str], now: dict[str, str]) -> list[str]:
+    """Each input that differs, as ``key: was → now``."""
+    return [f"{k}: {was.get(k, '(not set)')} → {now.get(k, '(not set)')}"
+            for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+
+
+def find_parent_run(client, experiment_id: str | None, name: str):
+    """The parent run of sweep ``name`` in the experiment, or with None in any (the newest,
+    should there be several from before names were unique), or None."""
+    ids = [experiment_id] if experiment_id else [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(ids, f"tags.`{TAG_SWEEP}` = '{name}' and tags.`{TAG_ROLE}` = 'parent'",
+                              max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None
+
+
 def git_commit() -> str:
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
@@ -109,9 +143,9 @@ class SweepTracker:
     def _start_parent(self) -> None:
         plan = self.plan
         sweep = f"tags.`{TAG_SWEEP}` = '{plan.name}'"
-        parents = self._runs(f"{sweep} and tags.`{TAG_ROLE}` = 'parent'") if plan.resume else []
-        if parents:  # --resume continues the same parent and its children
-            self.parent_id = self.write.run_ids["parent"] = parents[0].info.run_id
+        parent = find_parent_run(self.client, self.experiment_id, plan.name) if plan.resume else None
+        if parent:  # --resume continues the same parent and its children
+            self.parent_id = self.write.run_ids["parent"] = parent.info.run_id
             self.write("reopen", "parent")
             for run in self._runs(f"{sweep} and tags.`{TAG_ROLE}` = 'trial'"):
                 trial_id = run.data.tags[TAG_TRIAL]
@@ -128,7 +162,8 @@ class SweepTracker:
         warm = {"warm_start": plan.warm_start.parent_run_id} if plan.warm_start else {}
         tags = {TAG_SWEEP: plan.name, TAG_ROLE: "parent", "space": space.name, "model": cfg.model,
                 "dataset": plan.dataset_label, "dataset_fingerprint": plan.data.dataset.fingerprint,
-                "git_commit": git_commit(), MLFLOW_RUN_NOTE: self._description(), **warm}
+                "git_commit": git_commit(), MLFLOW_RUN_NOTE: self._description(),
+                TAG_INPUTS: json.dumps(plan.inputs, sort_keys=True), **warm}
         self.write("create", "parent", experiment_id=self.experiment_id, run_name=plan.name, tags=tags,
                    start_time=now_ms())
         if "parent" not in self.write.run_ids:
@@ -143,7 +178,7 @@ class SweepTracker:
                   "cpus_per_trial": plan.resources["cpu"], "gpus_per_trial": plan.resources["gpu"],
                   "classes": len(plan.data.classes), "train_images": len(plan.data.dataset.train),
                   "val_images": len(plan.data.dataset.val), "image_size": plan.data.image_size,
-                  **warm}
+                  "split_seed": plan.split_seed, "val_fraction": plan.val_fraction, **warm}
         self.write("batch", "parent", metrics=[], params={k: str(v)[:500] for k, v in params.items()})
 
     def _description(self) -> str:

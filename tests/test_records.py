@@ -4,9 +4,12 @@ live status."""
 
 from types import SimpleNamespace
 
+import pytest
+
+from conftest import write_image_folder
 from sweeps import driver, summary
 from sweeps.progress import counts
-from sweeps.tracking import MlflowTrials
+from sweeps.tracking import MlflowTrials, recorded_inputs
 
 
 class Tracker:
@@ -78,3 +81,74 @@ def test_asha_names_the_trials_it_stopped(monkeypatch):
     assert asha.on_trial_result(None, a, {"training_iteration": 1, "best_val_acc": 0.9}) == "CONTINUE"
     assert asha.on_trial_result(None, b, {"training_iteration": 1, "best_val_acc": 0.1}) == "STOP"
     assert driver.ASHA_STOPPED == {"b"}
+
+
+# --- a name is one sweep, and --resume continues it only on the same inputs --------------
+
+def _args(image_folder, tmp_path, *extra):
+    from sweeps.cli import build_parser
+
+    return build_parser().parse_args([
+        "--space", "smoke", "--data", str(image_folder), "--weights", "none", "--image-size", "16",
+        "--max-epochs", "3", "--name", "same", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+        "--storage", str(tmp_path / "results"), *extra])
+
+
+@pytest.fixture
+def started_sweep(image_folder, tmp_path, monkeypatch, cache_dir):
+    """A sweep whose parent run was created as the driver creates it (nothing trained)."""
+    from sweeps.plan import prepare
+    from sweeps.tracking import SweepTracker
+
+    monkeypatch.chdir(tmp_path)
+    plan = prepare(_args(image_folder, tmp_path, "--set", "batch_size=8"), log=lambda _: None)
+    tracker = SweepTracker(plan)
+    assert tracker.write.close() == []
+    return tracker.parent_id
+
+
+def test_the_parent_run_records_what_the_sweep_ran_on(started_sweep, tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    parent = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db").get_run(started_sweep)
+    inputs = recorded_inputs(parent)
+    assert (inputs["model"], inputs["max_epochs"], inputs["batch_size"], inputs["image_size"]) == \
+        ("resnet18", "3", "8", "16")
+    assert inputs["split_seed"] == "0" and inputs["dataset_fingerprint"] and inputs["weights"] == "none"
+    assert parent.data.params["split_seed"] == "0"
+
+
+def test_resume_with_other_inputs_lists_each_difference_before_anything_starts(
+        started_sweep, image_folder, tmp_path):
+    from sweeps.plan import UsageError, prepare
+
+    same = prepare(_args(image_folder, tmp_path, "--set", "batch_size=8", "--resume"), log=lambda _: None)
+    assert same.trials == 4  # the same sweep resumes
+    other_data = write_image_folder(tmp_path / "other", per_class=7)
+    with pytest.raises(UsageError) as e:
+        prepare(_args(other_data, tmp_path, "--set", "batch_size=16", "--max-epochs", "2", "--model",
+                      "mobilenet_v3_small", "--resume"), log=lambda _: None)
+    text = str(e.value)
+    assert started_sweep in text
+    for change in ("batch_size: 8 → 16", "max_epochs: 3 → 2", "model: resnet18 → mobilenet_v3_small",
+                   "dataset_fingerprint: "):
+        assert change in text, text
+    with pytest.raises(UsageError, match="split_seed: 0 → 1"):
+        prepare(_args(image_folder, tmp_path, "--set", "batch_size=8", "--split-seed", "1", "--resume"),
+                log=lambda _: None)
+
+
+def test_a_name_in_use_is_refused_naming_the_earlier_run_and_the_ways_on(
+        started_sweep, image_folder, tmp_path, capsys):
+    from sweeps.run import main
+
+    argv = ["--space", "smoke", "--data", str(image_folder), "--weights", "none", "--image-size", "16",
+            "--name", "same", "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db",
+            "--storage", str(tmp_path / "results")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert started_sweep in err and "--resume" in err and "another --name" in err
+    # a sweep folder without a run (say, another tracking store) is a sweep too
+    (tmp_path / "results" / "elsewhere").mkdir(parents=True)
+    assert main([*argv[:-5], "elsewhere", *argv[-4:]]) == 2
+    assert "folder" in capsys.readouterr().err
