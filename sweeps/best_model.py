@@ -3,8 +3,8 @@
 Shared by ``sweeps/export.py`` and ``sweeps/predict.py``: find the sweep's parent run
 (by run id or sweep name), download ``best/model.pt`` and ``best/meta.json``, rebuild
 the torchvision model from the registry, and preprocess images with the very code the
-sweep evaluated with (``decode_image``, then ``Batches``' normalisation), so a
-prediction here is the prediction the sweep scored.
+sweep evaluated with (``decode_for``, then ``Batches``' centre crop and normalisation), so
+a prediction here is the prediction the sweep scored.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from torch import nn
 
 from sweeps.plan import UsageError
 from sweeps.tracking import TAG_ROLE, TAG_SWEEP, check_tracking_uri, redact
-from trainables.data import Batches, decode_image
+from trainables.data import Batches, decode_for, decode_size
 
 BEST_DIR = "best"
 BEST_FILES = ("model.pt", "meta.json")
@@ -55,10 +55,10 @@ class BestModel:
                 f"val_acc {self.meta['val_acc']:.4f} at epoch {self.meta.get('epoch', '?')})")
 
     def batches(self, images: np.ndarray, batch_size: int) -> Batches:
-        """Normalised float batches of decoded ``(N, H, W, 3)`` uint8 images, made by the
-        same class as the sweep's val batches (the labels are unused zeros)."""
-        return Batches(images, np.zeros(len(images), np.int64), batch_size,
-                       mean=self.meta["mean"], std=self.meta["std"], shuffle=False)
+        """Normalised float batches of the centre ``image_size`` crop of decoded ``(N, D, D, 3)``
+        uint8 images, made by the same class as the sweep's val batches (labels: unused zeros)."""
+        return Batches(images, np.zeros(len(images), np.int64), batch_size, mean=self.meta["mean"],
+                       std=self.meta["std"], shuffle=False, crop=self.image_size)
 
 
 def load_best(tracking_uri: str, run: str) -> BestModel:
@@ -176,7 +176,7 @@ def decode_images(paths: Sequence[str | Path], image_size: int, pool: ThreadPool
     ``(path, reason)`` for every file that could not be read, which is left out."""
     def read(path):
         try:
-            return decode_image(str(path), image_size)
+            return decode_for(str(path), image_size)
         # PIL raises OSError, ValueError, SyntaxError or DecompressionBombError depending on
         # the format and the damage; any of them makes one file unreadable, not the run.
         except Exception as e:
@@ -189,7 +189,8 @@ def decode_images(paths: Sequence[str | Path], image_size: int, pool: ThreadPool
         else:
             images.append(out)
             read_paths.append(path)
-    stacked = np.stack(images) if images else np.empty((0, image_size, image_size, 3), np.uint8)
+    side = decode_size(image_size)
+    stacked = np.stack(images) if images else np.empty((0, side, side, 3), np.uint8)
     return stacked, read_paths, unreadable
 
 

@@ -24,9 +24,10 @@ from sweeps.plan import UsageError  # noqa: E402
 
 FORMATS = ("torchscript", "onnx")
 META_KEY = "ftsweep.meta"
-EPILOG = """The model's input is float32 (N, 3, S, S), normalised with the embedded mean and std
-(on a 0-1 pixel scale) after the image's short side is resized to S and centre-cropped;
-its output is one logit per class, in the order of the embedded classes.
+EPILOG = """The model's input is float32 (N, 3, S, S), as the sweep validated: the image's short
+side resized to round(S / 0.875) (bilinear), its centre S x S crop, normalised with the
+embedded mean and std (on a 0-1 pixel scale); the embedded "preprocessing" says the same.
+Its output is one logit per class, in the order of the embedded classes.
 
 examples:
   python sweeps/export.py --run smoke-20260101-120000 --out best.pt
@@ -99,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    meta = {**best.meta, "run_id": best.run_id, "sweep": best.sweep}
+    from trainables.data import decode_size
+
+    meta = {**best.meta, "run_id": best.run_id, "sweep": best.sweep,
+            "preprocessing": {"resize_short_side": decode_size(best.image_size), "interpolation": "bilinear",
+                              "center_crop": best.image_size, "mean": best.meta["mean"], "std": best.meta["std"]}}
     out.parent.mkdir(parents=True, exist_ok=True)
     # Written next to the target and renamed: a reader never sees half a model.
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")

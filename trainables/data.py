@@ -279,19 +279,27 @@ def cache_problem(path: Path) -> str | None:
     return None
 
 
-def _try_decode(path: str, size: int) -> np.ndarray | str:
+def decode_for(path: str, image_size: int) -> np.ndarray:
+    """Decode one image as the cache holds it for a model input of ``image_size``: short side
+    ``decode_size(image_size)``, centre-cropped square. Prediction decodes with this too, and
+    takes the centre crop with the same ``Batches``, so it sees what validation saw."""
+    return decode_image(path, decode_size(image_size))
+
+
+def _try_decode(path: str, image_size: int) -> np.ndarray | str:
     try:
-        return decode_image(path, size)
+        return decode_for(path, image_size)
     except Exception as e:  # PIL raises many types for broken files; each is a bad image
         return f"unreadable image ({type(e).__name__}: {e})"
 
 
-def _decode_split(split: Split, size: int, workers: int, out_path: Path) -> dict[str, str]:
+def _decode_split(split: Split, image_size: int, workers: int, out_path: Path) -> dict[str, str]:
+    size = decode_size(image_size)
     out = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(len(split), size, size, 3))
     bad = {}
     # PIL releases the GIL while decoding and resizing, so threads use every core.
     with ThreadPoolExecutor(workers) as pool:
-        for i, (path, img) in enumerate(zip(split.paths, pool.map(lambda p: _try_decode(p, size),
+        for i, (path, img) in enumerate(zip(split.paths, pool.map(lambda p: _try_decode(p, image_size),
                                                                    split.paths), strict=False)):
             if isinstance(img, str):
                 bad[path] = img
@@ -314,7 +322,7 @@ def _build(handle: DataHandle, workers: int, skip_bad: bool) -> DataHandle:
     try:
         bad = {}
         for name in ("train", "val"):
-            bad |= _decode_split(getattr(ds, name), handle.decode_size, workers, tmp / f"{name}_x.npy")
+            bad |= _decode_split(getattr(ds, name), handle.image_size, workers, tmp / f"{name}_x.npy")
         if (bad or ds.not_images) and not skip_bad:
             problems = [f"{p}: not an image" for p in ds.not_images] + [f"{p}: {r}" for p, r in bad.items()]
             raise DataError(_listing(ds.root, problems) +
