@@ -176,6 +176,21 @@ def test_patience_in_recovery_counts_from_the_pruning(handle):
     assert seen[-1]["early_stopped"] == 1 and seen[2]["sparsity"] > 0
 
 
+def test_patience_in_fine_tuning_goes_on_to_pruning_and_recovery(handle, tmp_path):
+    # val_acc never improves (lr 1e-9, only the head trains): patience 2 ends fine-tuning at
+    # epoch 3 of 6; the model is then pruned and recovers for its 3 epochs, epochs 4-6.
+    cfg = tiny(lr=1e-9, frozen_depth=5, patience=2, prune_amount=0.1, max_epochs=6, recovery_epochs=3)
+    seen, resumed = [], []
+    run_trial(cfg, handle, collect(seen, tmp_path), threads=1)
+    assert [m["epoch"] for m in seen] == [1, 2, 3, 4, 5, 6]
+    assert seen[2]["finetune_stopped"] == 1 and "early_stopped" not in seen[2]
+    assert seen[2]["sparsity"] == 0 and seen[3]["sparsity"] > 0
+    assert seen[-1]["early_stopped"] == 1  # patience in recovery ends the trial
+    run_trial(cfg, handle, collect(resumed), resume_from=tmp_path / "epoch3.pt", threads=1)
+    assert [m["epoch"] for m in resumed] == [4, 5, 6]
+    assert [m["sparsity"] for m in resumed] == [m["sparsity"] for m in seen[3:]]
+
+
 def test_pruning_without_recovery_is_refused(handle, tmp_path, monkeypatch, capsys, cache_dir):
     with pytest.raises(ValueError, match="recovery_epochs >= 1"):
         run_trial(tiny(recovery_epochs=0), handle, threads=1)

@@ -92,7 +92,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
     ckpt = None if resume_from is None else torch.load(Path(resume_from), map_location="cpu",
                                                        weights_only=True)
     state = {"epoch": 0, "best_val_acc": -1.0, "best_epoch": 0, "pruned": False,
-             "phase_best_val_acc": -1.0, "phase_best_epoch": 0}
+             "phase_best_val_acc": -1.0, "phase_best_epoch": 0, "finetune_epochs": cfg.max_epochs}
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         state.update(ckpt["state"])
@@ -109,8 +109,10 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
     if ckpt is not None and ckpt.get("scaler"):  # fp16: resume at the loss scale it had found
         step.scaler.load_state_dict(ckpt["scaler"])
     metrics: dict = {}
-    for epoch in range(state["epoch"] + 1, cfg.total_epochs + 1):
-        if epoch > cfg.max_epochs and not state["pruned"]:  # fine-tuned: prune, then recover
+    epoch = state["epoch"]
+    while epoch < last_epoch(cfg, state):
+        epoch += 1
+        if epoch > state["finetune_epochs"] and not state["pruned"]:  # fine-tuned: prune, then recover
             prunable = prune.prune_global(model, cfg.prune_amount)
             scheduler = step.scheduler = make_scheduler(cfg, optimizer, len(train), recovery=True)
             state.update(pruned=True, phase_best_val_acc=-1.0)
@@ -138,7 +140,13 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
                    "best_val_acc": state["best_val_acc"], "cached_stages": start,
                    "sparsity": prune.sparsity(prunable), "nonzero_params": prune.nonzero_params(model),
                    **bench_counters(step, decodes_before)}
-        stop = cfg.patience > 0 and epoch - state["phase_best_epoch"] >= cfg.patience
+        # Patience ends the phase it is in: fine-tuning goes on to pruning and recovery; only
+        # in recovery (or without pruning) does it end the trial.
+        patience_out = cfg.patience > 0 and epoch - state["phase_best_epoch"] >= cfg.patience
+        stop = patience_out and (state["pruned"] or cfg.prune_amount <= 0)
+        if patience_out and not stop:
+            state["finetune_epochs"] = epoch
+            metrics["finetune_stopped"] = 1
         if stop:
             metrics["early_stopped"] = 1
         with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
@@ -149,6 +157,11 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         if stop:
             break
     return metrics
+
+
+def last_epoch(cfg: TrialConfig, state: dict) -> int:
+    """The trial's last epoch: recovery follows fine-tuning, which patience may have ended early."""
+    return state["finetune_epochs"] + cfg.recovery_epochs if cfg.prune_amount > 0 else cfg.max_epochs
 
 
 def bench_counters(step: Step, decodes_before: int) -> dict:
