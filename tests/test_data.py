@@ -100,3 +100,37 @@ def test_shuffle_is_seeded(image_folder, tmp_path):
         return [b[1].tolist() for b in Batches(x, y, 2, mean=(0,) * 3, std=(1,) * 3, shuffle=True, generator=g)]
 
     assert order(3) == order(3)
+
+
+def test_a_truncated_or_corrupt_cache_is_rebuilt_with_a_message_naming_it(image_folder, tmp_path, capsys):
+    handle = DataHandle(scan(image_folder, val_fraction=0.5), 16, str(tmp_path / "cache"))
+    good = np.array(handle.arrays("train")[0])
+    before = data_mod.DECODE_COUNT
+    damaged = handle.path / "train_x.npy"
+    damaged.write_bytes(damaged.read_bytes()[:-100])  # a copy or a disk that stopped short
+    x, _ = handle.arrays("train")
+    err = capsys.readouterr().err
+    assert f"{damaged} is truncated or corrupt" in err and "rebuilding" in err
+    assert np.array_equal(x, good) and data_mod.DECODE_COUNT - before == len(handle.dataset)
+    (handle.path / "meta.json").write_text('{"classes": [')
+    assert handle.prepare(skip_bad=False) == handle
+    assert "meta.json is corrupt" in capsys.readouterr().err
+    (handle.path / "val_y.npy").write_bytes(b"\x93NUMPY garbage")
+    assert np.array_equal(handle.arrays("train")[0], good)
+    assert "val_y.npy is unreadable or corrupt" in capsys.readouterr().err
+    assert data_mod.cache_problem(handle.path) is None
+
+
+def test_a_cache_folder_that_cannot_be_written_is_named(image_folder, tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    handle = DataHandle(scan(image_folder, val_fraction=0.5), 16, str(blocker / "decoded"))
+    with pytest.raises(DataError, match=f"cache folder {blocker / 'decoded'} cannot be written"):
+        handle.prepare(skip_bad=False)
+    from sweeps.run import main
+
+    monkeypatch.setenv("FTSWEEP_CACHE", str(blocker))
+    monkeypatch.chdir(tmp_path)
+    assert main(["--space", "smoke", "--data", str(image_folder), "--weights", "none",
+                 "--image-size", "16"]) == 2
+    assert f"cache folder {blocker / 'decoded'} cannot be written" in capsys.readouterr().err
