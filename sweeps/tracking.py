@@ -128,12 +128,15 @@ class SweepTracker:
             plan.experiment, tags={"mlflow.experimentKind": "custom_model_development"})
         spool = spool_dir / "mlflow_pending.jsonl" if spool_dir else None
         self.write: Writer | WriterProcess = Writer(self.client, spool)
+        # What an earlier driver of this sweep could not send goes first, in order.
+        self.replayed = self.write.load_spool() if plan.resume else 0
         self.trial_numbers: dict[str, int] = {}
         self.last_step: dict[str, int] = {}  # per trial: epochs already logged
         self.ended: set[str] = set()
         self.outcomes: dict[str, str] = {}  # per ended trial, as tagged in MLflow
+        self.started: set[str] = set()
         self._start_parent()  # in this process: the sweep needs its parent run id now
-        self.started = set(self.write.run_ids) - {"parent"}  # trials that have a run, or one queued
+        self.started |= set(self.write.run_ids) - {"parent"}  # trials that have a run, or one queued
         # from here on, writes leave through a child process: Tune's loop never waits on MLflow
         self.write = WriterProcess(plan.tracking_uri, spool, self.write.run_ids, self.write.queue)
 
@@ -146,7 +149,6 @@ class SweepTracker:
         parent = find_parent_run(self.client, self.experiment_id, plan.name) if plan.resume else None
         if parent:  # --resume continues the same parent and its children
             self.parent_id = self.write.run_ids["parent"] = parent.info.run_id
-            self.write("reopen", "parent")
             for run in self._runs(f"{sweep} and tags.`{TAG_ROLE}` = 'trial'"):
                 trial_id = run.data.tags[TAG_TRIAL]
                 self.write.run_ids[trial_id] = run.info.run_id
@@ -156,6 +158,8 @@ class SweepTracker:
                 if run.data.tags.get(TAG_OUTCOME, "running") != "running":
                     self.ended.add(trial_id)
                     self.outcomes[trial_id] = run.data.tags[TAG_OUTCOME]
+            self._note_queued()
+            self.write("reopen", "parent")  # sends the spooled writes first
             return
         space, cfg = plan.space, plan.space.config()
         # warm_start: the parent run whose trials TPE started from (sweeps/warm_start.py)
@@ -180,6 +184,23 @@ class SweepTracker:
                   "val_images": len(plan.data.dataset.val), "image_size": plan.data.image_size,
                   "split_seed": plan.split_seed, "val_fraction": plan.val_fraction, **warm}
         self.write("batch", "parent", metrics=[], params={k: str(v)[:500] for k, v in params.items()})
+
+    def _note_queued(self) -> None:
+        """Count the spooled writes as logged: the trials they create are started, their
+        epochs logged, their outcomes given; they are sent before anything new."""
+        for op, key, kw in self.write.queue:
+            if key == "parent":
+                continue
+            tags = kw.get("tags") or {}
+            if op == "create":
+                self.started.add(key)
+                self.trial_numbers.setdefault(key, int(tags.get("ftsweep.trial_number", 0)))
+            steps = [int(m["step"]) for m in kw.get("metrics") or ()]
+            if steps:
+                self.last_step[key] = max(self.last_step.get(key, 0), *steps)
+            if tags.get(TAG_OUTCOME, "running") != "running":
+                self.ended.add(key)
+                self.outcomes[key] = tags[TAG_OUTCOME]
 
     def _description(self) -> str:
         plan, cfg = self.plan, self.plan.space.config()

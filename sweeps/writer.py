@@ -16,6 +16,7 @@ import fcntl
 import json
 import os
 import queue
+import re
 import subprocess
 import sys
 import tempfile
@@ -74,7 +75,16 @@ class Writer:
                 break
         self.queue.append((op, key, kw))
 
+    def load_spool(self) -> int:
+        """Put the writes an earlier driver kept in the spool file ahead of this one's, in
+        their order; they leave the file only as MLflow acknowledges them."""
+        earlier, run_ids = read_spool(self.spool)
+        self.queue[:0] = earlier
+        self.run_ids = {**run_ids, **self.run_ids}
+        return len(earlier)
+
     def flush(self) -> bool:
+        spooled = self.spool is not None and self.spool.exists()
         while self.queue:
             op, key, kw = self.queue[0]
             try:
@@ -84,6 +94,10 @@ class Writer:
                 self._write_spool()
                 return False
             self.queue.pop(0)
+            # A replayed spool must not create a run twice; any other write may be sent twice
+            # without harm (MLflow keeps one copy of an identical metric; tags overwrite).
+            if op == "create" and spooled:
+                self._write_spool()
         self._write_spool()
         return True
 
@@ -96,7 +110,8 @@ class Writer:
         from mlflow.entities import Metric, Param, RunTag
 
         if op == "create":
-            self.run_ids[key] = self.client.create_run(**kw).info.run_id
+            if key not in self.run_ids:  # a run the spool still had as unsent may exist already
+                self.run_ids[key] = self.client.create_run(**kw).info.run_id
         elif op == "batch":
             self.client.log_batch(self.run_ids[key], metrics=[Metric(**m) for m in kw.get("metrics", ())],
                                   params=[Param(k, v) for k, v in kw.get("params", {}).items()],
@@ -117,17 +132,40 @@ class Writer:
 
 
 def write_spool(spool: Path | None, writes: list, run_ids: dict[str, str]) -> None:
-    """Keep the unsent writes in ``spool``, one JSON line each, under their run ids;
-    with nothing unsent, remove it."""
+    """Keep the unsent writes in ``spool``, in order, one JSON line each: the write, its
+    run's key and, once created, its run id; with nothing unsent, remove it. Written whole
+    beside it and renamed over it: a reader sees the old file or the new one."""
     if spool is None:
         return
     if not writes:
         spool.unlink(missing_ok=True)
         return
     spool.parent.mkdir(parents=True, exist_ok=True)
-    with open(spool, "w") as f:
+    tmp = spool.with_name(f".{spool.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
         for op, key, kw in writes:
-            f.write(json.dumps({"op": op, "run": run_ids.get(key, key), **kw}) + "\n")
+            f.write(json.dumps({"op": op, "key": key, "run": run_ids.get(key, key), **kw}) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, spool)
+
+
+def read_spool(spool: Path | None) -> tuple[list, dict[str, str]]:
+    """The writes ``write_spool`` kept, and the run ids of their keys."""
+    if spool is None or not spool.exists():
+        return [], {}
+    writes, run_ids = [], {}
+    for line in spool.read_text().splitlines():
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # not written by write_spool (it renames whole files into place)
+        op, run = entry.pop("op"), entry.pop("run")
+        key = entry.pop("key", run)
+        if run != key or re.fullmatch(r"[0-9a-f]{32}", run):  # created: its run id
+            run_ids[key] = run
+        writes.append((op, key, entry))
+    return writes, run_ids
 
 
 def _fits(a: dict, b: dict) -> bool:
@@ -207,9 +245,10 @@ class WriterProcess:
         except (OSError, ValueError):
             result = None
         self._result.unlink(missing_ok=True)
-        if result is None:  # the child died: what it had not sent is lost, what it never got is kept
+        if result is None:  # the child died: what it spooled stays, what it never got joins it
             self.last_error = f"the MLflow writer process exited with code {code}"
-            self.queue = []
+            self.queue, spooled_ids = read_spool(self.spool)
+            self.run_ids = {**spooled_ids, **self.run_ids}
             for line in self._unsent.decode(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):  # the tail of a line the child had taken
                     m = json.loads(line)

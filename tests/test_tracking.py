@@ -218,3 +218,86 @@ def test_secrets_never_reach_a_log():
 ])
 def test_outcomes(last, errored, outcome):
     assert outcome_of(last, errored, 6) == outcome
+
+
+def test_a_later_writer_sends_the_spooled_writes_first_and_keeps_them_until_acknowledged(tmp_path):
+    real = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = real.create_experiment("e")
+    spool = tmp_path / "pending.jsonl"
+    client = FlakyClient(real)
+    first = Writer(client, spool=spool, retry_s=0)
+    first("create", "t1", experiment_id=exp, run_name="r")
+    client.down = True
+    for step in (1, 2):
+        first("batch", "t1", metrics=[dict(key="val_acc", value=step / 10, timestamp=step, step=step)])
+    assert [(op, key) for op, key, _ in first.queue] == [("batch", "t1")]
+    # the next driver (a --resume) finds the server still down: its writes join the spool
+    second = Writer(client, spool=spool, retry_s=0)
+    assert second.load_spool() == 1 and second.run_ids == {"t1": first.run_ids["t1"]}
+    second("batch", "t1", metrics=[dict(key="val_acc", value=0.3, timestamp=3, step=3)])
+    second("end", "t1", status="FINISHED")
+    kept = [json.loads(line) for line in spool.read_text().splitlines()]
+    assert [(k["op"], k["key"]) for k in kept] == [("batch", "t1"), ("end", "t1")]  # the batches merged
+    assert [m["step"] for m in kept[0]["metrics"]] == [1, 2, 3]
+    assert not list(tmp_path.glob(".*.tmp"))  # written beside and renamed: never half a file
+    client.down = False
+    assert second.flush() and not spool.exists()
+    history = real.get_metric_history(first.run_ids["t1"], "val_acc")
+    assert [m.step for m in history] == [1, 2, 3]
+
+
+def test_a_spooled_create_that_mlflow_acknowledged_is_not_sent_again(tmp_path):
+    real = MlflowClient(f"sqlite:///{tmp_path}/m.db")
+    exp = real.create_experiment("e")
+    spool = tmp_path / "pending.jsonl"
+    write = Writer(real, spool=spool)
+    write.queue = [("create", "t1", {"experiment_id": exp, "run_name": "r"}),
+                   ("batch", "t1", {"metrics": [dict(key="val_acc", value=0.5, timestamp=0, step=1)]})]
+    write._write_spool()
+    again = Writer(real, spool=spool)
+    again.load_spool()
+    again.run_ids["t1"] = run_id = real.create_run(exp).info.run_id  # the driver found it in MLflow
+    assert again.flush()
+    assert len(real.search_runs([exp])) == 1
+    assert real.get_metric_history(run_id, "val_acc")[0].value == 0.5
+
+
+def test_a_dying_writer_process_adds_to_the_spool_instead_of_overwriting_it(tmp_path):
+    spool = tmp_path / "pending.jsonl"
+    earlier = Writer(client=None, spool=spool)
+    earlier.queue = [("batch", "parent", {"metrics": [dict(key="m", value=1.0, timestamp=0, step=0)]})]
+    earlier.run_ids = {"parent": "p" * 32}
+    earlier._write_spool()
+    write = WriterProcess(f"sqlite:///{tmp_path}/m.db", spool, {"parent": "p" * 32})
+    write._proc.kill()
+    write._proc.wait()
+    write("end", "parent", status="FINISHED")
+    write.close()
+    assert [json.loads(line)["op"] for line in spool.read_text().splitlines()] == ["batch", "end"]
+
+
+def test_flush_command_sends_only_the_pending_writes(tmp_path, capsys, monkeypatch):
+    from conftest import free_port
+    from sweeps.flush import main
+
+    uri = f"sqlite:///{tmp_path}/m.db"
+    real = MlflowClient(uri)
+    exp = real.create_experiment("e")
+    sweep = tmp_path / "sweep"
+    spool = sweep / "mlflow_pending.jsonl"
+    write = Writer(client=None, spool=spool)
+    write.queue = [("create", "t1", {"experiment_id": exp, "run_name": "r"}),
+                   ("batch", "t1", {"metrics": [dict(key="val_acc", value=v, timestamp=0, step=s)
+                                                for s, v in ((1, 0.5), (2, 0.7))]}),
+                   ("end", "t1", {"status": "FINISHED"})]
+    write._write_spool()
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    assert main([str(sweep), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 1
+    assert len(spool.read_text().splitlines()) == 3  # nothing acknowledged, nothing removed
+    assert main([str(sweep), "--tracking-uri", uri]) == 0
+    assert "Sent 3 of 3" in capsys.readouterr().out and not spool.exists()
+    (run,) = real.search_runs([exp])
+    assert [m.value for m in real.get_metric_history(run.info.run_id, "val_acc")] == [0.5, 0.7]
+    assert run.info.status == "FINISHED"
+    assert main([str(sweep), "--tracking-uri", uri]) == 0  # nothing pending: nothing sent twice
+    assert len(real.search_runs([exp])) == 1
