@@ -42,8 +42,8 @@ def trivial(config: dict, data) -> None:
     """A trial that does no work: it reports one epoch's metrics, and when it started."""
     from ray import tune
 
-    tune.report({"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.0, "lr": config["lr"],
-                 "img_per_s": 0.0, "epoch_s": 0.0, "started": time.time()})
+    tune.report({"epoch": 1, "val_acc": 0.5, "best_val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.0,
+                 "lr": config["lr"], "img_per_s": 0.0, "epoch_s": 0.0, "started": time.time()})
 
 
 def in_process(argv: list[str], log: Path, trainable=None):

@@ -111,6 +111,27 @@ def search_algorithm(space, max_concurrent: int | None, warm_start=None):
     return ConcurrencyLimiter(search, max_concurrent) if max_concurrent else search
 
 
+def lanes(resources: dict, trials: int) -> int:
+    """Trials that fit at once on the cluster's live nodes for one trial's request
+    (``{"cpu": C, "gpu": G}``), at most ``trials``; at least one.
+
+    Counted per node, since a trial cannot straddle two. Ray Tune with a searcher and no
+    concurrency limit keeps one trial pending at a time (``_get_max_pending_trials``), so
+    lanes would fill one actor start after another; a limit of exactly this many lets Tune
+    place every lane's trial, and start its actor, together.
+    """
+    fit = 0
+    for node in ray.nodes():
+        if not node.get("Alive"):
+            continue
+        have = node.get("Resources", {})
+        per_node = [int(have.get("CPU", 0) / resources["cpu"] + 1e-9)] if resources.get("cpu") else []
+        if resources.get("gpu"):
+            per_node.append(int(have.get("GPU", 0) / resources["gpu"] + 1e-9))
+        fit += min(per_node, default=0)
+    return max(1, min(fit, trials))
+
+
 def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
     space = plan.space
     max_t = plan.total_epochs
@@ -130,10 +151,12 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
     if plan.resume and _exists(plan):
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable_, resume_errored=True,
                                   param_space=param_space(space))
+    # Without --max-concurrent, every lane the cluster has for this request, started together.
+    concurrent = plan.max_concurrent or lanes(plan.resources, plan.trials)
     tune_config = tune.TuneConfig(
         metric=OBJECTIVE, mode=MODE, num_samples=plan.trials, scheduler=scheduler,
-        search_alg=search_algorithm(space, plan.max_concurrent, plan.warm_start),
-        max_concurrent_trials=None if space.search else plan.max_concurrent,
+        search_alg=search_algorithm(space, concurrent, plan.warm_start),
+        max_concurrent_trials=None if space.search else concurrent,
         reuse_actors=True, time_budget_s=plan.time_budget,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     return tune.Tuner(trainable_, param_space=param_space(space), tune_config=tune_config,

@@ -23,8 +23,8 @@ def test_quarter_gpu_trials_run_four_at_once_on_the_one_gpu(tmp_path, image_fold
 
         started = time.time()
         time.sleep(6)  # long enough for every trial that fits to be running at once
-        tune.report({"epoch": 1, "val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.0, "lr": config["lr"],
-                     "started_at": started, "ended_at": time.time(),
+        tune.report({"epoch": 1, "val_acc": 0.5, "best_val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.0,
+                     "lr": config["lr"], "started_at": started, "ended_at": time.time(),
                      "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())})
 
     args = build_parser().parse_args([
@@ -47,3 +47,71 @@ def test_quarter_gpu_trials_run_four_at_once_on_the_one_gpu(tmp_path, image_fold
     assert {r["gpu_ids"] for r in results} == {"0"}  # each trial got a share of the same GPU
     latest_start = max(r["started_at"] for r in results)
     assert all(r["ended_at"] > latest_start for r in results)  # all four were running at once
+
+
+def test_without_max_concurrent_every_lane_runs_at_once(tmp_path, image_folder, cache_dir, monkeypatch):
+    """A 4-CPU node and 1-CPU trials: TPE's sweep places all four trials before the first
+    starts, and runs them at once. (Ray Tune's default with a searcher and no limit keeps
+    one trial pending: lanes fill one actor start after another.)"""
+    import ray
+
+    from sweeps.bench_sweeps import trial_results
+    from sweeps.cli import build_parser
+    from sweeps.plan import prepare
+    from sweeps.run import execute
+    from sweeps.tracking import MlflowTrials
+
+    placed_at_start = []  # how many trials Tune had created as each one started
+    on_start = MlflowTrials.on_trial_start
+
+    def counting(self, iteration, trials, trial, **info):
+        placed_at_start.append(len(trials))
+        on_start(self, iteration, trials, trial, **info)
+
+    monkeypatch.setattr(MlflowTrials, "on_trial_start", counting)
+
+    def sleeper(config, data):  # nested: Ray ships it by value, not by this module's name
+        """A trial that imports nothing heavy and sleeps: long enough for every lane to fill."""
+        import time
+
+        from ray import tune
+
+        started = time.time()
+        time.sleep(8)
+        tune.report({"epoch": 1, "val_acc": config["lr"], "best_val_acc": config["lr"], "val_loss": 1.0,
+                     "train_loss": 1.0, "lr": config["lr"], "started_at": started, "ended_at": time.time()})
+
+    args = build_parser().parse_args([
+        "--space", "smoke", "--data", str(image_folder), "--weights", "none", "--image-size", "32",
+        "--trials", "4", "--max-epochs", "1", "--name", "lanes",
+        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results")])
+    plan = prepare(args)
+    assert plan.max_concurrent is None
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        info = execute(plan, trainable=sleeper)
+    finally:
+        ray.shutdown()
+
+    assert info["trials"]["errored"] == 0
+    results = [r[-1] for r in trial_results(plan.sweep_dir) if r]
+    assert len(results) == 4
+    latest_start = max(r["started_at"] for r in results)
+    assert all(r["ended_at"] > latest_start for r in results)  # all four were running at once
+    assert len({r["lr"] for r in results}) == 4  # TPE suggested four distinct points
+    assert placed_at_start[0] == 4, placed_at_start  # every lane's trial placed before the first start
+
+
+def test_lanes_count_what_fits_on_each_live_node(monkeypatch):
+    import ray
+
+    from sweeps.driver import lanes
+
+    nodes = [{"Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}},
+             {"Alive": True, "Resources": {"CPU": 3.0}},
+             {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    assert lanes({"cpu": 2, "gpu": 0}, trials=100) == 2  # 3+3 CPUs, but no trial straddles two nodes
+    assert lanes({"cpu": 1, "gpu": 0}, trials=4) == 4  # never more than the sweep's trials
+    assert lanes({"cpu": 0.5, "gpu": 0.25}, trials=100) == 4  # GPU-bound: a quarter of the one GPU each
+    assert lanes({"cpu": 4, "gpu": 0}, trials=10) == 1  # nothing fits: one lane, Ray says why it waits
