@@ -10,7 +10,8 @@ from torchvision.transforms.v2 import functional as TF
 from trainables import train as train_module
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, decode_for, scan
-from trainables.pipeline import Batches, DeviceStage, crop_params, crop_size, decode_size, prefetch
+from trainables.pipeline import (Batches, DeviceStage, crop_params, crop_size, decode_size, prefetch,
+                                 resized_crops)
 from trainables.train import Step, TrialDiverged, run_trial
 
 from conftest import collect
@@ -18,24 +19,31 @@ from conftest import collect
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
-def per_image(img_hwc: torch.Tensor, top, left, h, w, flip, size) -> torch.Tensor:
+def per_image(img_hwc: torch.Tensor, top, left, h, w, flip, size, normalize=True) -> torch.Tensor:
     """torchvision's own per-image transforms, on a float image."""
     x = TF.resized_crop(img_hwc.permute(2, 0, 1).float(), top, left, h, w, [size, size], antialias=True)
     if flip:
         x = TF.horizontal_flip(x)
-    return TF.normalize(x / 255, list(MEAN), list(STD))
+    return TF.normalize(x / 255, list(MEAN), list(STD)) if normalize else x
 
 
-def test_batched_device_augmentation_equals_torchvisions_per_image_transforms():
-    images = torch.randint(0, 256, (24, 37, 37, 3), dtype=torch.uint8)
-    crops = crop_params(24, 37, 1.0, True, torch.Generator().manual_seed(0))
+@pytest.mark.parametrize(("side", "size"), [(37, 32), (64, 24), (18, 16)])
+def test_batched_device_augmentation_equals_torchvisions_per_image_transforms(side, size):
+    # crops smaller than ``size`` are upscaled, larger ones downscaled (antialiased)
+    images = torch.randint(0, 256, (24, side, side, 3), dtype=torch.uint8)
+    crops = crop_params(24, side, 1.0, True, torch.Generator().manual_seed(0))
     assert crops[:, 4].min() == 0 and crops[:, 4].max() == 1  # some flipped, some not
     assert len({tuple(c[2:4]) for c in crops}) > 10  # the crop boxes differ per image
-    assert ((crops[:, 0] + crops[:, 2] <= 37) & (crops[:, 1] + crops[:, 3] <= 37)).all()
-    out = DeviceStage(32, MEAN, STD)(images, crops)
-    expected = torch.stack([per_image(img, *c, 32) for img, c in zip(images, crops.tolist(), strict=True)])
-    assert out.shape == (24, 3, 32, 32) and out.dtype == torch.float32
+    assert ((crops[:, 0] + crops[:, 2] <= side) & (crops[:, 1] + crops[:, 3] <= side)).all()
+    out = DeviceStage(size, MEAN, STD)(images, crops)
+    expected = torch.stack([per_image(img, *c, size) for img, c in zip(images, crops.tolist(), strict=True)])
+    assert out.shape == (24, 3, size, size) and out.dtype == torch.float32
     torch.testing.assert_close(out, expected, atol=1e-4, rtol=1e-4)
+    # the batched path a GPU takes, here on the CPU (pixels, before normalising)
+    batched = resized_crops(images.permute(0, 3, 1, 2).float(), torch.as_tensor(crops), size)
+    pixels = torch.stack([per_image(img, *c, size, normalize=False)
+                          for img, c in zip(images, crops.tolist(), strict=True)])
+    torch.testing.assert_close(batched, pixels, atol=2e-3, rtol=1e-5)
 
 
 def test_validation_takes_torchvisions_centre_crop():
