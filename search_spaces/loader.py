@@ -207,6 +207,9 @@ def _param(path: Path, name: str, spec) -> Param:
             raise SpaceError(f"{where}: {kind} needs 'low' and 'high'")
         if kind == "int" and TrialConfig.keys()[name] is not int:
             raise SpaceError(f"{where}: 'int' distribution for a non-integer key")
+        if kind in ("uniform", "loguniform") and TrialConfig.keys()[name] is int:
+            raise SpaceError(f"{where}: {kind} draws fractional values, but {name} is an integer key; "
+                             f"use 'int' (low..high) or 'choice' (e.g. values: [16, 32, 64])")
         low, high = coerce(name, spec["low"]), coerce(name, spec["high"])
     except ValueError as e:
         raise SpaceError(f"{where}: {e}") from None

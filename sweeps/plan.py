@@ -17,6 +17,7 @@ from sweeps import storage
 from sweeps.cli import parse_sets
 from sweeps.warm_start import WarmStart, earlier_trials
 from trainables import demo
+from trainables.config import coerce
 from trainables.data import DataError, DataHandle, scan
 from trainables.models import ModelError, build_model, check_model_name, normalization, num_stages
 
@@ -84,9 +85,9 @@ def _prepare(args, log) -> Plan:
     model = fixed["model"] = fixed.get("model") or space.fixed.get("model", "resnet18")
     check_model_name(model)
     fixed.setdefault("image_size", demo.IMAGE_SIZE if is_demo else space.config().image_size)
-    space = space.override(**fixed)
-    if args.seed is not None:
-        space = replace(space, seed=args.seed)
+    # --set seed=N is --seed N: the space's seed, for TPE and every trial
+    seed = _seed(args.seed, fixed.pop("seed", None), space)
+    space = replace(space.override(**fixed), seed=seed)
     _check_frozen_depth(space, model)
     _check_pruning(space)
     max_acc_drop = _max_acc_drop(args, space)
@@ -182,6 +183,15 @@ def _resumed_trials(name: str, parent, asked: int | None) -> int | None:
         raise UsageError(f"--resume continues sweep {name} with the {logged} trials it started with, "
                          f"not --trials {asked}; for more trials start a new sweep with --warm-start {name}")
     return int(logged)
+
+
+def _seed(flag: int | None, set_value, space: Space) -> int:
+    """The sweep's seed: --seed, or --set seed=N, or the space's."""
+    if set_value is not None:
+        set_value = coerce("seed", set_value)  # ValueError: prepare() makes it a UsageError
+        if flag is not None and flag != set_value:
+            raise UsageError(f"--seed {flag} and --set seed={set_value} disagree; give one of them")
+    return flag if flag is not None else set_value if set_value is not None else space.seed
 
 
 def _check_input_size(net, model: str, size: int) -> None:

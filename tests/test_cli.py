@@ -14,7 +14,7 @@ from conftest import RUN, free_port
 FLAGS = ["--space", "--data", "--model", "--weights", "--image-size", "--trials", "--max-epochs",
          "--cpus-per-trial", "--gpus-per-trial", "--max-concurrent", "--seed", "--tracking-uri",
          "--experiment", "--storage", "--name", "--resume", "--time-budget", "--set",
-         "--val-fraction", "--skip-bad-images", "--max-failures", "--ray-address"]
+         "--val-fraction", "--split-seed", "--skip-bad-images", "--max-failures", "--ray-address"]
 
 
 def test_help_documents_every_flag():

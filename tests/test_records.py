@@ -152,3 +152,24 @@ def test_a_name_in_use_is_refused_naming_the_earlier_run_and_the_ways_on(
     (tmp_path / "results" / "elsewhere").mkdir(parents=True)
     assert main([*argv[:-5], "elsewhere", *argv[-4:]]) == 2
     assert "folder" in capsys.readouterr().err
+
+
+# --- seeds: --set seed is --seed; neither moves the validation split --------------------
+
+def test_set_seed_is_the_sweeps_seed_and_the_split_has_its_own(image_folder, tmp_path, monkeypatch, cache_dir):
+    from sweeps.plan import UsageError, prepare
+
+    monkeypatch.chdir(tmp_path)
+
+    def plan(*extra):
+        return prepare(_args(image_folder, tmp_path, "--name", "fresh", *extra), log=lambda _: None)
+
+    by_set, by_flag, default = plan("--set", "seed=7"), plan("--seed", "7"), plan()
+    assert by_set.space.seed == by_set.space.config().seed == 7 == by_flag.space.config().seed
+    assert default.space.config().seed == 0
+    with pytest.raises(UsageError, match="--seed 3 and --set seed=7 disagree"):
+        plan("--seed", "3", "--set", "seed=7")
+    # the search seed leaves the validation images (and the decoded cache) as they were
+    assert by_flag.data.dataset.val == default.data.dataset.val
+    assert by_flag.data.dataset.fingerprint == default.data.dataset.fingerprint
+    assert plan("--split-seed", "1").data.dataset.val != default.data.dataset.val

@@ -82,3 +82,13 @@ def test_override_fixes_values_but_not_searched_ones():
         space.override(lr=0.1)
     with pytest.raises(SpaceError, match="unknown trial config key"):
         space.override(epochs=3)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "loguniform"])
+def test_a_fractional_distribution_on_an_integer_key_is_refused_at_load(tmp_path, kind):
+    path = write(tmp_path, f"""
+        search:
+          batch_size: {{type: {kind}, low: 16, high: 64}}
+    """)
+    with pytest.raises(SpaceError, match=f"{path}: search.batch_size: {kind} draws fractional values.*integer key"):
+        load_space(path)
