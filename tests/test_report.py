@@ -126,9 +126,10 @@ def test_report_of_a_sweep_with_an_errored_and_a_running_trial(frame):
     failed, running = t["trial"].iloc[-1], t["trial"].iloc[0]
     t.loc[t["trial"] == failed, ["outcome", "best_val_acc", "epochs"]] = ["errored", float("nan"), 0]
     t.loc[t["trial"] == running, "outcome"] = "running"
+    t.loc[t["trial"] == t["trial"].iloc[1], "outcome"] = "time_budget"  # cut by --time-budget
     frame.curves = frame.curves[frame.curves["trial"] != failed]
     text = build_html(frame)
-    assert "1 errored" in text and "1 running" in text
+    assert "1 errored" in text and "1 running" in text and "1 time budget" in text
     page = Tags.of(text)
     assert len(page.with_class("curve")) == len(t) - 1  # no curve for a trial without an epoch
     assert len(page.with_class("span")) == len(t)  # but it is on the timeline
