@@ -2,15 +2,19 @@
 
 No Ray, MLflow, Optuna or scikit-learn: ``run_trial`` runs in this process, and for packing
 in several processes at once on the same device, as fractional ``--gpus-per-trial`` trials
-would. The data are made here: ``--images`` synthetic training images (and an eighth as
-many for validation) in 4 classes, random weights, nothing frozen, at ``--image-size``.
+would. The data are made here: ``--images`` synthetic 500x375 JPEG training images (and an
+eighth as many for validation) in 4 classes, decoded once into the cache, random weights,
+nothing frozen, at ``--image-size``.
 For each model: training images per second with the CUDA defaults (mixed precision,
 channels_last, pinned memory) and with all three off, the median over epochs 2 and later
 of the trial's own ``img_per_s`` (its training loop; the first epoch warms up). Then
 ``--pack`` trials of ``--pack-model`` at once against one: every trial waits for the others
 after its first epoch, and the later epochs' training images of all of them are divided by
 the wall time from that common start to the last one's end (validation included), the
-same for the single trial.
+same for the single trial. Last, the feed: each model trained by the trial's own step fed
+by the real pipeline (``Batches``: the host gathers uint8 batches from the cache in a
+background thread, the device crops, flips and normalises them) against the same step fed
+same-shape random tensors already on the device; ``feed_efficiency`` = fed / random.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from trainables.config import TrialConfig  # noqa: E402
-from trainables.data import DataHandle, scan  # noqa: E402
+from trainables.data import Batches, DataHandle, scan  # noqa: E402
 from trainables.train import device_options, run_trial  # noqa: E402
 
 OFF = {"amp": False, "channels_last": False, "pin_memory": False}
@@ -58,17 +62,20 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def make_images(root: Path, train: int, seed: int = 0) -> Path:
-    """``root/{train,val}/<class>/*.png``: noise around a colour of each class, 64 px."""
+def make_images(root: Path, train: int, seed: int = 0, size: tuple[int, int] = (500, 375)) -> Path:
+    """``root/{train,val}/<class>/*.jpg``: smooth random fields around a colour of each class
+    with fine noise, ``size`` px, JPEG quality 90 (decoded like photos of that size)."""
     rng = np.random.default_rng(seed)
     colours = rng.integers(0, 256, (CLASSES, 3))
     for split, n in (("train", train), ("val", max(CLASSES, train // 8))):
         for i in range(n):
             label = i % CLASSES
-            pixels = np.clip(colours[label] + rng.normal(0, 40, (64, 64, 3)), 0, 255).astype(np.uint8)
+            coarse = Image.fromarray(np.clip(colours[label] + rng.normal(0, 50, (12, 16, 3)), 0, 255)
+                                     .astype(np.uint8)).resize(size, Image.Resampling.BICUBIC)
+            pixels = np.asarray(coarse, np.float32) + rng.normal(0, 8, (size[1], size[0], 3))
             folder = root / split / f"class{label}"
             folder.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(pixels).save(folder / f"{i:05d}.png")
+            Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(folder / f"{i:05d}.jpg", quality=90)
     return root
 
 
@@ -152,18 +159,62 @@ def packed(cfg: TrialConfig, handle: DataHandle, device: str, n: int) -> list[di
     return out
 
 
+def feed(args, handle: DataHandle, model_name: str) -> dict:
+    """Training images per second of one model's step fed by the real pipeline (augmented:
+    RandomResizedCrop + flip on the device) and fed random tensors of the same shape that
+    are already on the device; alternating epochs after one warm-up each, medians."""
+    from trainables.models import build_model, stages
+    from trainables.train import Step, make_optimizer, make_scheduler
+
+    dev = torch.device(args.device)
+    cfg = trial_config(args, model_name, augment_strength=1.0)
+    options = device_options(cfg, dev)
+    torch.manual_seed(0)
+    model = build_model(model_name, len(handle.classes), "none").to(dev)
+    if options.channels_last:
+        model.to(memory_format=torch.channels_last)
+    x, y = handle.arrays("train")
+    fed = Batches(x, y, cfg.batch_size, mean=handle.mean, std=handle.std, shuffle=True, augment_strength=1.0,
+                  generator=torch.Generator().manual_seed(0), crop=cfg.image_size, device=dev,
+                  pin_memory=options.pin_memory, dtype=options.amp_dtype, channels_last=options.channels_last)
+    shapes = [len(b) for b in np.array_split(np.arange(len(y)), len(fed))]
+    layout = torch.channels_last if options.channels_last else torch.contiguous_format
+    pool = [torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, device=dev,
+                        dtype=options.amp_dtype or torch.float32).contiguous(memory_format=layout)
+            for _ in range(2)]
+    labels = torch.randint(0, len(handle.classes), (cfg.batch_size,), device=dev)
+    random = [(pool[i % 2][:n], labels[:n]) for i, n in enumerate(shapes)]
+    optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    step = Step(model, stages(model, model_name), cfg, optimizer,
+                make_scheduler(cfg, optimizer, len(fed)), dev, 0, options)
+    model.train()
+    rates: dict[str, list[float]] = {"fed": [], "random": []}
+    for epoch in range(args.epochs):
+        for kind, batches in (("random", random), ("fed", fed)):
+            started = time.perf_counter()
+            _, seen = step.train_epoch(batches)  # reads the loss once: the device has finished
+            if epoch:  # the first epoch of each warms up
+                rates[kind].append(seen / (time.perf_counter() - started))
+    fed_rate, random_rate = statistics.median(rates["fed"]), statistics.median(rates["random"])
+    return {"fed_img_per_s": fed_rate, "random_img_per_s": random_rate,
+            "feed_efficiency": fed_rate / random_rate, "epochs": rates}
+
+
 def measure(args, handle: DataHandle) -> dict:
     threads = os.cpu_count() or 1
+    torch.set_num_threads(threads)
     models = {}
     for model in args.models.split(","):
         on = one_trial(trial_config(args, model), handle, args.device, threads)
         off = one_trial(trial_config(args, model, **OFF), handle, args.device, threads)
-        models[model] = {"defaults": on, "all_off": off, "speedup": on["img_per_s"] / off["img_per_s"]}
+        models[model] = {"defaults": on, "all_off": off, "speedup": on["img_per_s"] / off["img_per_s"],
+                         "feed": feed(args, handle, model)}
     cfg = trial_config(args, args.pack_model)
     one = wall_img_per_s([one_trial(cfg, handle, args.device, threads)])
     many = packed(cfg, handle, args.device, args.pack)
     total = wall_img_per_s(many)
     return {"models": models,
+            "feed_efficiency": {model: m["feed"]["feed_efficiency"] for model, m in models.items()},
             "packing": {"model": args.pack_model, "trials": args.pack, "one_img_per_s": one,
                         "packed_img_per_s": total, "speedup": total / one, "per_trial": many}}
 
@@ -191,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     for model, m in figures["models"].items():
         print(f"{model:>12} {args.image_size}px  defaults {m['defaults']['img_per_s']:8.1f} img/s  "
-              f"all off {m['all_off']['img_per_s']:8.1f}  x{m['speedup']:.2f}")
+              f"all off {m['all_off']['img_per_s']:8.1f}  x{m['speedup']:.2f}  fed {m['feed']['fed_img_per_s']:8.1f} "
+              f"/ random {m['feed']['random_img_per_s']:8.1f} = feed_efficiency {m['feed']['feed_efficiency']:.3f}")
     p = figures["packing"]
     print(f"{p['model']:>12} {p['trials']} packed {p['packed_img_per_s']:8.1f} img/s  one "
           f"{p['one_img_per_s']:8.1f}  x{p['speedup']:.2f}  ({device})")
