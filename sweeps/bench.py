@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "alternating; each side keeps its best (default 2)")
     p.add_argument("--feature-epochs", type=int, default=3, metavar="N",
                    help="epochs of each feature-cache trial (default 3)")
+    p.add_argument("--pipeline-images", type=int, default=0, metavar="N",
+                   help="also measure sweeps/bench_pipeline.py's 224 px input-pipeline figures on N "
+                        "generated JPEGs (4000 for the README's), under input_pipeline in the JSON "
+                        "(default 0: not measured)")
     p.add_argument("--work-dir", metavar="DIR",
                    help="keep what the sweeps write here (must be new or empty; default: a temporary "
                         "folder, removed at the end)")
@@ -147,6 +151,10 @@ def main(argv: list[str] | None = None) -> int:
 
         with environment(FTSWEEP_CACHE=str(work / "cache")):
             figures = measure(args, work)
+        if args.pipeline_images:  # the 224 px input pipeline (sweeps/bench_pipeline.py), its own definitions
+            from sweeps import bench_pipeline
+
+            figures["input_pipeline"] = bench_pipeline.report(work / "pipeline", args.pipeline_images)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
@@ -171,6 +179,8 @@ def check(args) -> str | None:
     if args.overhead_trials <= bench_sweeps.lanes(args):
         return (f"--overhead-trials {args.overhead_trials} must exceed the {bench_sweeps.lanes(args)} "
                 "trials that run at once: the overhead is the pace at which later trials start")
+    if args.pipeline_images and args.pipeline_images < 80:  # bench_pipeline.MIN_IMAGES
+        return f"--pipeline-images must be 0 or >= 80, got {args.pipeline_images}"
     if args.work_dir and Path(args.work_dir).is_dir() and any(Path(args.work_dir).iterdir()):
         return f"--work-dir {args.work_dir} is not empty (decodes are counted from an empty cache)"
     return None

@@ -26,6 +26,7 @@ PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "camera", "immunohistochem
           "hubble_deep_field", "colorwheel", "retina", "logo", "moon", "grass", "gravel", "brick",
           "coins", "clock")  # scikit-image sample photos that ship with the package
 SIZE = (500, 375)
+MIN_IMAGES = 80  # 16 classes, and a stratified val split of 20% with one image of each
 
 DEFINITIONS = {
     "pipeline_img_per_s": "Host side of one trial's pipeline (trainables.pipeline.Batches.host_batches "
@@ -157,31 +158,38 @@ def targets(figures: dict) -> dict:
             for k, (op, bound) in BOUNDS.items()}
 
 
+def report(work: Path, images: int = 4000, **kw) -> dict:
+    """The figures with their targets, definitions and machine: what the JSON holds."""
+    import torch
+
+    figures = measure(work, images, **kw)
+    return {**figures, "targets": targets(figures), "definitions": DEFINITIONS,
+            "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
+                        "cuda": torch.cuda.is_available(), "platform": platform.platform()}}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sweeps/bench_pipeline.py", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", required=True, metavar="FILE.json", help="where the figures go")
-    p.add_argument("--images", type=int, default=4000, metavar="N", help="JPEGs to generate (default 4000)")
+    p.add_argument("--images", type=int, default=4000, metavar="N", help=f"JPEGs to generate, >= {MIN_IMAGES} (default 4000)")
     p.add_argument("--image-size", type=int, default=224, metavar="N", help="pixels (default 224)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="default 64")
     p.add_argument("--epochs", type=int, default=2, metavar="N", help="timed epochs (default 2)")
     p.add_argument("--work-dir", metavar="DIR", help="keep the JPEGs and cache here (default: a "
                    "temporary folder, removed at the end)")
     args = p.parse_args(argv)
-    if min(args.images, args.image_size, args.batch_size, args.epochs) < 1 or args.images < 32:
-        print("error: --images must be >= 32 and the other numbers >= 1", file=sys.stderr)
+    if min(args.image_size, args.batch_size, args.epochs) < 1 or args.images < MIN_IMAGES:
+        print(f"error: --images must be >= {MIN_IMAGES} (a val split of every class) and the other "
+              "numbers >= 1", file=sys.stderr)
         return 2
     work = Path(args.work_dir or tempfile.mkdtemp(prefix="ftsweep-pipeline-")).resolve()
     try:
-        figures = measure(work, args.images, args.image_size, args.batch_size, args.epochs)
+        figures = report(work, args.images, image_size=args.image_size, batch_size=args.batch_size,
+                         epochs=args.epochs)
     finally:
         if not args.work_dir:
             shutil.rmtree(work, ignore_errors=True)
-    import torch
-
-    report = {**figures, "targets": targets(figures), "definitions": DEFINITIONS,
-              "machine": {"cpu_count": os.cpu_count(), "torch": torch.__version__,
-                          "cuda": torch.cuda.is_available(), "platform": platform.platform()}}
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    Path(args.out).write_text(json.dumps(figures, indent=2) + "\n")
     for key in DEFINITIONS:
         print(f"{key:34} {figures[key]:12.1f}")
     print(Path(args.out).resolve())
