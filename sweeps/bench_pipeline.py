@@ -106,6 +106,7 @@ def measure(work: Path, images: int = 4000, image_size: int = 224, batch_size: i
     log(f"[pipeline] generating {images} JPEGs of {SIZE[0]}x{SIZE[1]} px in {classes} classes")
     folder = make_photo_folder(work / "photos", [images // classes + (c < images % classes)
                                                  for c in range(classes)], classes)
+    shutil.rmtree(work / "cache", ignore_errors=True)  # decoding is timed from an empty cache
     handle = DataHandle(scan(folder, val_fraction=0.2, seed=0), image_size, str(work / "cache"))
     log(f"[pipeline] decoding them at {image_size} px (short side {handle.decode_size})")
     started = time.perf_counter()
