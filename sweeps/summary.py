@@ -20,9 +20,10 @@ def count_trials(results, outcomes: dict[str, str] | None = None) -> dict:
     else judged from the trial's last result against its own budget."""
     counts = dict.fromkeys(OUTCOMES, 0)
     for r in results:
-        outcome = (outcomes or {}).get(trial_id_of(r)) or \
-            outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config))
-        counts[outcome] = counts.get(outcome, 0) + 1
+        outcome = (outcomes or {}).get(trial_id_of(r))
+        if outcome not in counts:  # not ended through the tracker (or tagged abandoned)
+            outcome = outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config))
+        counts[outcome] += 1
     return counts
 
 
