@@ -66,8 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="stop starting and running trials after this many seconds")
     budget.add_argument("--max-failures", type=int, default=1, metavar="N",
                         help="retry a failing trial from its last checkpoint up to N times (default 1)")
-    budget.add_argument("--seed", type=int, metavar="N", help="seed for TPE and every trial (default: the space's; the same as --set seed=N). "
-                             "The validation split has its own, --split-seed")
+    budget.add_argument("--seed", type=int, metavar="N",
+                        help="seed for TPE and every trial (default: the space's; the same as --set seed=N); "
+                             "the validation split has its own, --split-seed")
 
     where = p.add_argument_group("where results go")
     where.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",

@@ -6,10 +6,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import write_image_folder
 from sweeps import driver, summary
 from sweeps.progress import counts
 from sweeps.tracking import MlflowTrials, recorded_inputs
+
+from conftest import write_image_folder
 
 
 class Tracker:

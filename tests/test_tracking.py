@@ -277,8 +277,9 @@ def test_a_dying_writer_process_adds_to_the_spool_instead_of_overwriting_it(tmp_
 
 
 def test_flush_command_sends_only_the_pending_writes(tmp_path, capsys, monkeypatch):
-    from conftest import free_port
     from sweeps.flush import main
+
+    from conftest import free_port
 
     uri = f"sqlite:///{tmp_path}/m.db"
     real = MlflowClient(uri)
