@@ -172,7 +172,8 @@ def report(work: Path, images: int = 4000, **kw) -> dict:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="sweeps/bench_pipeline.py", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", required=True, metavar="FILE.json", help="where the figures go")
-    p.add_argument("--images", type=int, default=4000, metavar="N", help=f"JPEGs to generate, >= {MIN_IMAGES} (default 4000)")
+    p.add_argument("--images", type=int, default=4000, metavar="N",
+                   help=f"JPEGs to generate, >= {MIN_IMAGES} (default 4000)")
     p.add_argument("--image-size", type=int, default=224, metavar="N", help="pixels (default 224)")
     p.add_argument("--batch-size", type=int, default=64, metavar="N", help="default 64")
     p.add_argument("--epochs", type=int, default=2, metavar="N", help="timed epochs (default 2)")

@@ -10,8 +10,7 @@ from torchvision.transforms.v2 import functional as TF
 from trainables import train as train_module
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, decode_for, scan
-from trainables.pipeline import (Batches, DeviceStage, crop_params, crop_size, decode_size, prefetch,
-                                 resized_crops)
+from trainables.pipeline import Batches, DeviceStage, crop_params, crop_size, decode_size, prefetch, resized_crops
 from trainables.train import Step, TrialDiverged, run_trial
 
 from conftest import collect
