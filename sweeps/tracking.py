@@ -85,7 +85,7 @@ def sweep_inputs(space, fingerprint: str, split_seed: int, val_fraction: float) 
 def recorded_inputs(parent) -> dict[str, str] | None:
     """What a parent run recorded with ``sweep_inputs``; None for a sweep from before."""
     text = parent.data.tags.get(TAG_INPUTS)
-    return json.loads(text) if text else None
+    return json.loads(text) or None if text else None
 
 
 def input_changes(was: dict[str, str], now: dict[str, str]) -> list[str]:
@@ -167,7 +167,7 @@ class SweepTracker:
         tags = {TAG_SWEEP: plan.name, TAG_ROLE: "parent", "space": space.name, "model": cfg.model,
                 "dataset": plan.dataset_label, "dataset_fingerprint": plan.data.dataset.fingerprint,
                 "git_commit": git_commit(), MLFLOW_RUN_NOTE: self._description(),
-                TAG_INPUTS: json.dumps(plan.inputs, sort_keys=True), **warm}
+                **({TAG_INPUTS: json.dumps(plan.inputs, sort_keys=True)} if plan.inputs else {}), **warm}
         self.write("create", "parent", experiment_id=self.experiment_id, run_name=plan.name, tags=tags,
                    start_time=now_ms())
         if "parent" not in self.write.run_ids:
