@@ -46,7 +46,22 @@ def trivial(config: dict, data) -> None:
                  "lr": config["lr"], "img_per_s": 0.0, "epoch_s": 0.0, "started": time.time()})
 
 
-def in_process(argv: list[str], log: Path, trainable=None):
+def sleeper(seconds: float):
+    """A trainable that imports nothing heavy and sleeps ``seconds``, so that many actor
+    starts on few cores measure scheduling rather than CPU contention; it reports when it
+    started and ended. Nested, so Ray ships it by value with its ``seconds``."""
+
+    def sleep(config: dict, data) -> None:
+        from ray import tune
+
+        started = time.time()
+        time.sleep(seconds)
+        tune.report({"epoch": 1, "val_acc": 0.5, "best_val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.0,
+                     "lr": config["lr"], "started": started, "ended": time.time()})
+    return sleep
+
+
+def in_process(argv: list[str], log: Path, trainable=None, ray_cpus: int | None = None):
     """Run one sweep of the platform in this process, with its output in ``log``; returns
     its plan. Ray is shut down after it, so the next sweep starts Ray afresh."""
     import ray
@@ -58,14 +73,16 @@ def in_process(argv: list[str], log: Path, trainable=None):
     with open(log, "a") as out, contextlib.redirect_stdout(out):
         plan = prepare(build_parser().parse_args(argv))
         try:
+            if ray_cpus:  # a node that declares this many CPUs, whatever the machine has
+                ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
             execute(plan, trainable=trainable)
         finally:
             ray.shutdown()
     return plan
 
 
-def bare_tune(plan, trials: int, concurrent: int, log: Path, reuse_actors: bool = True,
-              json_only: bool = False) -> Path:
+def bare_tune(plan, trials: int, concurrent: int | None, log: Path, reuse_actors: bool = True,
+              json_only: bool = False, trainable=trivial, ray_cpus: int | None = None) -> Path:
     """Sweep ``trivial`` with a bare ``tune.Tuner``: the plan's resources, concurrency and
     param space, actor reuse as the platform has it unless told otherwise (Tune's default
     is off), and the platform's way of starting Ray; no search algorithm, scheduler,
@@ -80,8 +97,10 @@ def bare_tune(plan, trials: int, concurrent: int, log: Path, reuse_actors: bool 
     name = f"bare-{time.time_ns()}"
     with open(log, "a") as out, contextlib.redirect_stdout(out):
         try:
+            if ray_cpus:
+                ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
             driver.init_ray(None)
-            trainable = tune.with_resources(tune.with_parameters(trivial, data=plan.data), plan.resources)
+            trainable = tune.with_resources(tune.with_parameters(trainable, data=plan.data), plan.resources)
             tuner = tune.Tuner(trainable, param_space=driver.param_space(plan.space),
                                tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent,
                                                            reuse_actors=reuse_actors),
@@ -201,6 +220,39 @@ def measure_overhead(args, work: Path, rounds: int = 2) -> dict:
             "bare_ray_default_overhead_per_trial_s": per_trial(trial_results(default), lanes(args)),
             "overhead": {"trials": n, "concurrent": lanes(args), "per_trial_s": per,
                          "default_trials": few}}
+
+
+def measure_rampup(args, work: Path, lanes_: int = 16, sleep_s: float = 30.0) -> dict:
+    """Seconds from the first trial's start until ``lanes_`` run at once, on a Ray node that
+    declares ``lanes_`` CPUs: a sweep of the platform (TPE, ASHA, no --max-concurrent) and a
+    bare Ray Tune loop over random search (which starts every trial at once), both of
+    ``sleeper(sleep_s)`` with the same data parameter and 1 CPU per trial; ``sleep_s`` must
+    be longer than the lanes take to fill."""
+    argv = ["--space", SPACE, "--model", args.model, "--weights", "none", "--image-size", str(args.image_size),
+            "--trials", str(lanes_), "--max-epochs", "1", "--cpus-per-trial", "1",
+            "--tracking-uri", tracking_uri(work), "--experiment", "bench-rampup",
+            "--storage", str(work / "sweeps"), "--name", f"rampup-{time.time_ns()}"]
+    argv += ["--data", str(Path(args.data).resolve())] if args.data else []
+    plan = in_process(argv, work / "rampup.log", sleeper(sleep_s), ray_cpus=lanes_)
+    bare = bare_tune(plan, lanes_, None, work / "rampup.log", json_only=True, trainable=sleeper(sleep_s),
+                     ray_cpus=lanes_)
+    out = {"rampup_s": rampup(trial_results(plan.sweep_dir), lanes_),
+           "bare_random_rampup_s": rampup(trial_results(bare), lanes_)}
+    out["rampup"] = {"lanes": lanes_, "sleep_s": sleep_s,
+                     "ratio": out["rampup_s"] / out["bare_random_rampup_s"]}
+    return out
+
+
+def rampup(results: list[list[dict]], lanes_: int) -> float:
+    """From the first trial's start to the moment ``lanes_`` trials run at once: the
+    lanes_-th start, provided none had ended by then."""
+    spans = sorted((r[0]["started"], r[0]["ended"]) for r in results if r)
+    if len(spans) < lanes_:
+        raise ValueError(f"{len(spans)} trials started: need {lanes_}")
+    last_start = spans[lanes_ - 1][0]
+    if min(end for _, end in spans[:lanes_]) < last_start:
+        raise ValueError(f"{lanes_} trials were never running at once: let them sleep longer")
+    return last_start - spans[0][0]
 
 
 def per_trial(results: list[list[dict]], concurrent: int) -> float:

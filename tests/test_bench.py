@@ -69,6 +69,18 @@ def test_targets_compare_each_figure_with_its_bound():
     assert bench.targets(figures)["overhead_per_trial_s"]["bound"] == pytest.approx(1.2)
 
 
+def test_rampup_runs_to_the_moment_every_lane_is_busy():
+    results = [[{"started": 10.0, "ended": 20.0}], [{"started": 12.5, "ended": 21.0}],
+               [{"started": 11.0, "ended": 19.0}]]
+    assert bench_sweeps.rampup(results, 3) == pytest.approx(2.5)
+    results[0][0]["ended"] = 12.0  # the first ended before the last began: never all at once
+    with pytest.raises(ValueError, match="never running at once"):
+        bench_sweeps.rampup(results, 3)
+    figures = {"rampup_s": 2.5, "bare_random_rampup_s": 2.0}
+    assert bench.targets(figures)["rampup_s"]["bound"] == pytest.approx(2.4)
+    assert not bench.targets(figures)["rampup_s"]["pass"]
+
+
 def test_overhead_per_trial_is_the_pace_at_which_trials_start():
     # two at once: trials 3..6 each start 0.5 s after a running one ends
     results = [[{"started": t}] for t in (10.0, 10.1, 10.5, 10.6, 11.0, 11.1)]
@@ -113,7 +125,7 @@ def test_benchmark_writes_every_figure(tmp_path):
         [sys.executable, str(ROOT / "sweeps" / "bench.py"), "--out", str(out), "--data", str(folder),
          "--image-size", "32", "--cpus", "2", "--trials", "2", "--epochs", "1", "--limit-epochs", "1",
          "--decode-trials", "2", "--overhead-trials", "4", "--rounds", "1", "--feature-epochs", "1",
-         "--work-dir", str(tmp_path / "work")],
+         "--rampup-lanes", "3", "--rampup-sleep", "12", "--work-dir", str(tmp_path / "work")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
