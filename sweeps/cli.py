@@ -82,6 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--max-acc-drop", type=float, metavar="F",
                        help="name in sweep_summary.json the model with the fewest nonzero parameters whose "
                             "val_acc is at most F below the best (default 0.01 when the space prunes)")
+    where.add_argument("--keep-checkpoints", type=int, default=1, metavar="K",
+                       help="when the sweep ends, keep the best checkpoint of the K best trials and delete "
+                            "the rest, except those a --resume still needs (default 1; best/ always stays)")
     where.add_argument("--resume", action="store_true",
                        help="continue the sweep --name (default: the newest sweep of --space) where it stopped")
     where.add_argument("--ray-address", metavar="ADDR",

@@ -47,6 +47,7 @@ class Plan:
     val_fraction: float = 0.2
     inputs: dict = field(default_factory=dict)  # sweeps.tracking.sweep_inputs, on the parent run
     max_acc_drop: float | None = None  # name the smallest model within this of the best val_acc
+    keep_checkpoints: int = 1  # after the sweep: the best checkpoint of this many best trials
 
     @property
     def sweep_dir(self) -> str:
@@ -127,7 +128,7 @@ def _prepare(args, log) -> Plan:
         time_budget=args.time_budget, max_failures=args.max_failures, resume=args.resume,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), warm_start=start,
         max_acc_drop=max_acc_drop, split_seed=args.split_seed, val_fraction=args.val_fraction,
-        inputs=inputs)
+        inputs=inputs, keep_checkpoints=args.keep_checkpoints)
 
 
 def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: dict) -> int | None:
@@ -265,6 +266,8 @@ def _check_resources(args) -> None:
         if not torch.cuda.is_available():
             raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: this machine has no "
                              "CUDA GPU (torch.cuda.is_available() is False)")
+    if args.keep_checkpoints < 0:
+        raise UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.trials is not None and args.trials < 1:
         raise UsageError(f"--trials must be >= 1, got {args.trials}")
 

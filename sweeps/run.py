@@ -24,13 +24,47 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         plan = prepare(args)
-        check_cluster(plan)
+        opened = join_ray(plan)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    info = execute(plan, started)
+    info = execute(plan, started, opened=opened)
     print(storage.join(plan.sweep_dir, "sweep_summary.json"))
     return 0 if info["best"] is not None else 1
+
+
+def join_ray(plan):
+    """Join Ray before the sweep starts; returns the sweep's opened MLflow run when it
+    could be opened meanwhile, else None.
+
+    On one machine, Ray's start (mostly waiting on the processes it launches) and opening
+    the sweep's MLflow run (mostly the store's own start-up) overlap. On a cluster Ray
+    comes first: nothing is logged when a node cannot see the storage or the inputs.
+    """
+    if plan.ray_address:
+        check_cluster(plan)
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    from sweeps import driver
+
+    with ThreadPoolExecutor(1, thread_name_prefix="open-mlflow-run") as pool:
+        opening = pool.submit(open_sweep, plan)
+        try:
+            driver.init_ray(None)  # in the main thread: Ray sets its signal handlers there
+        except BaseException:
+            folder, tracker = opening.result()
+            tracker.finish(None, {}, failed=True)
+            raise
+        return opening.result()
+
+
+def open_sweep(plan):
+    """The sweep's folder (``storage.SweepFolder``) and its MLflow parent run (``SweepTracker``)."""
+    from sweeps.tracking import SweepTracker
+
+    folder = storage.SweepFolder(plan.sweep_dir)  # for a URI: a local folder, published at the end
+    return folder, SweepTracker(plan, spool_dir=folder.local)
 
 
 def check_cluster(plan) -> None:
@@ -45,15 +79,15 @@ def check_cluster(plan) -> None:
         raise UsageError(str(e)) from None
 
 
-def execute(plan, started: float | None = None, trainable=None) -> dict:
-    """Run a checked plan: MLflow parent run, Tuner fit, best checkpoint, summary."""
-    from sweeps import driver, summary
-    from sweeps.tracking import MlflowTrials, SweepTracker
+def execute(plan, started: float | None = None, trainable=None, opened=None) -> dict:
+    """Run a checked plan: MLflow parent run (``opened`` by ``join_ray``, or now), Tuner
+    fit, best checkpoint, summary."""
+    from sweeps import driver, retention, summary
+    from sweeps.tracking import MlflowTrials, trial_id_of
 
     started = started or time.time()
-    folder = storage.SweepFolder(plan.sweep_dir)  # for a URI: a local folder, published at the end
+    folder, tracker = opened or open_sweep(plan)
     sweep_dir = folder.local
-    tracker = SweepTracker(plan, spool_dir=sweep_dir)
     print(f"Sweep {plan.name}: space {plan.space.name}, {plan.trials} trials, "
           f"{len(plan.data.dataset)} images in {len(plan.data.classes)} classes; "
           f"MLflow run {tracker.parent_id} in experiment {plan.experiment}")
@@ -72,6 +106,8 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
     best_dir = sweep_dir / "best"
     if best is not None:
         summary.export_best(best[2], best_dir)
+    # what --resume and the best trials still need stays; the rest of the checkpoints go
+    checkpoints = retention.retain(results, tracker.outcomes, plan.keep_checkpoints, trial_id_of)
     counts = summary.count_trials(results, tracker.outcomes)
     pending = tracker.finish(best_dir if best else None,
                              {"best_val_acc": best[1]["val_acc"] if best else 0.0, **counts,
@@ -79,6 +115,7 @@ def execute(plan, started: float | None = None, trainable=None) -> dict:
                               "total_trial_epochs": summary.total_epochs(results)},
                              failed=best is None)
     info = summary.build_summary(plan, tracker, results, time.time() - started, best, best_dir, pending)
+    info["checkpoints"] = checkpoints
     if folder.remote and info["best"]:
         info["best"]["checkpoint"] = folder.location("best", "model.pt")
     summary.write_summary(info, sweep_dir)
@@ -99,6 +136,10 @@ def _print_end(info: dict, tracker, pending: list) -> None:
         print(f"Best checkpoint: {best['checkpoint']} (MLflow run {info['parent_run_id']}, best/)")
     else:
         print("No trial produced a result.")
+    c = info.get("checkpoints")
+    if c:
+        print(f"Checkpoints: kept {c['kept']} ({c['bytes_kept'] / 2**20:.1f} MiB), "
+              f"freed {c['freed']} ({c['bytes_freed'] / 2**20:.1f} MiB)")
     if pending:
         print(f"WARNING: {len(pending)} MLflow writes could not be sent "
               f"({tracker.write.last_error}); kept in {tracker.write.spool}")
