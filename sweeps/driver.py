@@ -114,7 +114,7 @@ def search_algorithm(space, max_concurrent: int | None, warm_start=None):
 
 def lanes(resources: dict, trials: int) -> int:
     """Trials that fit at once on the cluster's live nodes for one trial's request
-    (``{"cpu": C, "gpu": G}``), at most ``trials``; at least one.
+    (``{"cpu": C, "gpu": G}``), at most ``trials``; 0 when no node fits one.
 
     Counted per node, since a trial cannot straddle two. Ray Tune with a searcher and no
     concurrency limit keeps one trial pending at a time (``_get_max_pending_trials``), so
@@ -130,7 +130,7 @@ def lanes(resources: dict, trials: int) -> int:
         if resources.get("gpu"):
             per_node.append(int(have.get("GPU", 0) / resources["gpu"] + 1e-9))
         fit += min(per_node, default=0)
-    return max(1, min(fit, trials))
+    return min(fit, trials)
 
 
 def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
@@ -153,7 +153,7 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable_, resume_errored=True,
                                   param_space=param_space(space))
     # Without --max-concurrent, every lane the cluster has for this request, started together.
-    concurrent = plan.max_concurrent or lanes(plan.resources, plan.trials)
+    concurrent = plan.max_concurrent or lanes(plan.resources, plan.trials) or None
     tune_config = tune.TuneConfig(
         metric=OBJECTIVE, mode=MODE, num_samples=plan.trials, scheduler=scheduler,
         search_alg=search_algorithm(space, concurrent, plan.warm_start),

@@ -260,12 +260,23 @@ def _check_resources(args) -> None:
         raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
-    if args.gpus_per_trial > 0 and not (args.ray_address or os.environ.get("RAY_ADDRESS")):
+    if args.ray_address or os.environ.get("RAY_ADDRESS"):
+        pass  # a cluster's nodes are counted when it is joined (run.check_cluster)
+    elif args.gpus_per_trial > 0:
         import torch
 
         if not torch.cuda.is_available():
             raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: this machine has no "
                              "CUDA GPU (torch.cuda.is_available() is False)")
+        if args.gpus_per_trial > torch.cuda.device_count():
+            raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: this machine has "
+                             f"{torch.cuda.device_count()} GPU(s); no trial could ever start")
+    if not (args.ray_address or os.environ.get("RAY_ADDRESS")):
+        from ray._private.utils import get_num_cpus  # the CPUs a local Ray declares
+
+        if args.cpus_per_trial > get_num_cpus():
+            raise UsageError(f"--cpus-per-trial {args.cpus_per_trial}: this machine has {get_num_cpus()} "
+                             "CPUs; no trial could ever start")
     if args.keep_checkpoints < 0:
         raise UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.trials is not None and args.trials < 1:

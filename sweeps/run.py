@@ -73,6 +73,10 @@ def check_cluster(plan) -> None:
     from sweeps import driver
 
     driver.init_ray(plan.ray_address)
+    if driver.lanes(plan.resources, plan.trials) == 0:
+        gpus = f" and {plan.resources['gpu']:g} GPUs" if plan.resources["gpu"] else ""
+        raise UsageError(f"no node of the Ray cluster at {plan.ray_address} has {plan.resources['cpu']:g} CPUs"
+                         f"{gpus} for a trial (--cpus-per-trial, --gpus-per-trial); no trial could ever start")
     try:
         storage.require_shared(plan.storage, storage.trial_inputs(plan))
     except storage.NotShared as e:

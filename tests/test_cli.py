@@ -70,6 +70,16 @@ def test_gpus_on_a_machine_without_one(in_tmp, capsys):
     fails(["--space", "smoke", "--gpus-per-trial", "0.5"], capsys, "--gpus-per-trial 0.5", "no CUDA GPU")
 
 
+def test_more_cpus_per_trial_than_the_machine_has(in_tmp, capsys):
+    """Ray would wait forever for a node that fits the trial; refuse before anything starts."""
+    from ray._private.utils import get_num_cpus
+
+    too_many = str(get_num_cpus() + 1)
+    fails(["--space", "smoke", "--cpus-per-trial", too_many], capsys, f"--cpus-per-trial {too_many}",
+          "no trial could ever start")
+    assert not (in_tmp / "mlflow.db").exists()
+
+
 def test_unreachable_tracking_server(in_tmp, capsys):
     uri = f"http://127.0.0.1:{free_port()}"
     fails(["--space", "smoke", "--tracking-uri", uri], capsys, uri, "unreachable")
