@@ -66,6 +66,7 @@ def in_process(argv: list[str], log: Path, trainable=None, ray_cpus: int | None 
     its plan. Ray is shut down after it, so the next sweep starts Ray afresh."""
     import ray
 
+    from sweeps import driver
     from sweeps.cli import build_parser
     from sweeps.plan import prepare
     from sweeps.run import execute
@@ -73,8 +74,7 @@ def in_process(argv: list[str], log: Path, trainable=None, ray_cpus: int | None 
     with open(log, "a") as out, contextlib.redirect_stdout(out):
         plan = prepare(build_parser().parse_args(argv))
         try:
-            if ray_cpus:  # a node that declares this many CPUs, whatever the machine has
-                ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
+            driver.init_ray(None, num_cpus=ray_cpus)  # ray_cpus: declared, whatever the machine has
             execute(plan, trainable=trainable)
         finally:
             ray.shutdown()
@@ -97,9 +97,7 @@ def bare_tune(plan, trials: int, concurrent: int | None, log: Path, reuse_actors
     name = f"bare-{time.time_ns()}"
     with open(log, "a") as out, contextlib.redirect_stdout(out):
         try:
-            if ray_cpus:
-                ray.init(address="local", num_cpus=ray_cpus, include_dashboard=False, log_to_driver=False)
-            driver.init_ray(None)
+            driver.init_ray(None, num_cpus=ray_cpus)
             trainable = tune.with_resources(tune.with_parameters(trainable, data=plan.data), plan.resources)
             tuner = tune.Tuner(trainable, param_space=driver.param_space(plan.space),
                                tune_config=tune.TuneConfig(num_samples=trials, max_concurrent_trials=concurrent,

@@ -194,8 +194,9 @@ def _exists(plan) -> bool:
     return tune.Tuner.can_restore(plan.sweep_dir)
 
 
-def init_ray(address: str | None) -> None:
-    """Join ``address`` (inside a Ray job, $RAY_ADDRESS) or start Ray on this machine."""
+def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+    """Join ``address`` (inside a Ray job, $RAY_ADDRESS) or start Ray on this machine,
+    declaring ``num_cpus`` CPUs (default: the machine's)."""
     if ray.is_initialized():
         return
     # The table of trials is the progress display; Tune's per-result boxes and snapshot
@@ -211,5 +212,5 @@ def init_ray(address: str | None) -> None:
         # Ray starts a worker per CPU as it starts; importing the trial's heavy modules in
         # them then, while the driver opens its MLflow run and builds the Tuner, takes
         # seconds off every trial's actor start.
-        ray.init(address="local", include_dashboard=False, log_to_driver=False,
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  _system_config={"preload_python_modules": list(WORKER_PRELOAD)})

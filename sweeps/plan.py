@@ -9,6 +9,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -69,14 +70,17 @@ class Plan:
         return "://" not in self.storage
 
 
-def prepare(args, log=print) -> Plan:
+def prepare(args, log=print, checked: Callable[[], None] | None = None) -> Plan:
+    """The checked plan, or a ``UsageError``. ``checked`` is called once the inputs that
+    need no data, model weights or MLflow store have passed (the space, the flags, the
+    model's name, the resources, the tracking server), before the slower checks."""
     try:
-        return _prepare(args, log)
+        return _prepare(args, log, checked or (lambda: None))
     except (SpaceError, DataError, ModelError, ValueError) as e:
         raise UsageError(str(e)) from None
 
 
-def _prepare(args, log) -> Plan:
+def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     from sweeps.tracking import check_tracking_uri, sweep_inputs
 
     space = load_space(args.space)
@@ -94,6 +98,7 @@ def _prepare(args, log) -> Plan:
     max_acc_drop = _max_acc_drop(args, space)
     _check_resources(args)
     check_tracking_uri(args.tracking_uri)
+    checked()
 
     cfg = space.config()
     root = demo.transfer_folder() if is_demo else Path(args.data).expanduser()
@@ -139,8 +144,11 @@ def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: di
 
     from sweeps.tracking import find_parent_run, recorded_inputs
 
-    client = MlflowClient(args.tracking_uri)
-    exp = client.get_experiment_by_name(experiment)
+    # A sqlite store that does not exist yet holds no earlier sweep: looking must not create it.
+    uri = args.tracking_uri
+    new_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).expanduser().exists()
+    client = None if new_store else MlflowClient(uri)
+    exp = client.get_experiment_by_name(experiment) if client else None
     parent = find_parent_run(client, exp.experiment_id, name) if exp else None
     if not args.resume:
         folder = Path(storage) / name if "://" not in storage else None
@@ -152,7 +160,7 @@ def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: di
                          f"Add --resume to continue it, or pass another --name for a new sweep")
     was = recorded_inputs(parent) if parent else None
     if parent is None:  # another --data folder name means another default --experiment
-        parent = find_parent_run(client, None, name)
+        parent = find_parent_run(client, None, name) if client else None
         if parent is None:
             return None
         was = {**(recorded_inputs(parent) or {}),

@@ -6,6 +6,8 @@ checkpoint, write ``sweep_summary.json`` and print its path last.
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
 import time
 from pathlib import Path
@@ -23,8 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     started = time.time()
     try:
-        plan = prepare(args)
-        opened = join_ray(plan)
+        plan, opened = plan_and_join_ray(args)
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -33,30 +34,59 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if info["best"] is not None else 1
 
 
-def join_ray(plan):
-    """Join Ray before the sweep starts; returns the sweep's opened MLflow run when it
-    could be opened meanwhile, else None.
+def plan_and_join_ray(args):
+    """The checked plan, with Ray joined; on one machine also the sweep's opened MLflow run
+    (else None: ``execute`` opens it).
 
-    On one machine, Ray's start (mostly waiting on the processes it launches) and opening
-    the sweep's MLflow run (mostly the store's own start-up) overlap. On a cluster Ray
-    comes first: nothing is logged when a node cannot see the storage or the inputs.
+    On one machine the start-up overlaps. Once the quick checks have passed (the space,
+    flags, model name, resources, tracking server), Ray starts in the main thread, where it
+    sets its signal handlers, and its workers import what trials need
+    (``driver.WORKER_PRELOAD``); meanwhile a helper thread runs the slower checks (scanning
+    and decoding the data, building the model) and opens the sweep's MLflow run. When a
+    slower check fails, Ray is shut down again and nothing was logged. On a cluster every
+    check comes first, then Ray: nothing is logged when a node cannot see the storage or
+    fit a trial.
     """
-    if plan.ray_address:
+    if args.ray_address or os.environ.get("RAY_ADDRESS"):
+        plan = prepare(args)
         check_cluster(plan)
-        return None
+        return plan, None
+    import threading
     from concurrent.futures import ThreadPoolExecutor
+
+    import ray
 
     from sweeps import driver
 
-    with ThreadPoolExecutor(1, thread_name_prefix="open-mlflow-run") as pool:
-        opening = pool.submit(open_sweep, plan)
+    passed, decided = [], threading.Event()
+
+    def quick_checks_passed():
+        passed.append(True)
+        decided.set()
+
+    def plan_and_open():
         try:
-            driver.init_ray(None)  # in the main thread: Ray sets its signal handlers there
+            plan = prepare(args, checked=quick_checks_passed)
+        finally:
+            decided.set()  # a failed check decides too
+        return plan, open_sweep(plan)
+
+    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
+        planning = pool.submit(plan_and_open)
+        decided.wait()
+        if not passed:
+            return planning.result()  # raises the quick check's UsageError: Ray never started
+        try:
+            driver.init_ray(None)
         except BaseException:
-            folder, tracker = opening.result()
-            tracker.finish(None, {}, failed=True)
+            with contextlib.suppress(Exception):
+                planning.result()[1][1].finish(None, {}, failed=True)  # the run it opened
             raise
-        return opening.result()
+        try:
+            return planning.result()
+        except BaseException:
+            ray.shutdown()
+            raise
 
 
 def open_sweep(plan):
@@ -84,7 +114,7 @@ def check_cluster(plan) -> None:
 
 
 def execute(plan, started: float | None = None, trainable=None, opened=None) -> dict:
-    """Run a checked plan: MLflow parent run (``opened`` by ``join_ray``, or now), Tuner
+    """Run a checked plan: MLflow parent run (``opened`` by ``plan_and_join_ray``, or now), Tuner
     fit, best checkpoint, summary."""
     from sweeps import driver, retention, summary
     from sweeps.tracking import MlflowTrials, trial_id_of
