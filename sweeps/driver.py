@@ -21,7 +21,6 @@ from trainables.ray_trial import trainable
 # ASHA too: at a rung it compares trials by what they have shown they can reach, so one
 # noisy epoch at the rung does not cut a trial whose best already beats the others.
 METRIC, MODE = "val_acc", "max"
-WORKER_PRELOAD = ("torch", "torchvision", "ray.tune")  # what every trial's actor imports
 
 # Trials ASHA stopped in this driver process. Tune ends them through the same call as the
 # trials it stops when --time-budget runs out, so the outcome is told apart by this.
@@ -209,8 +208,4 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        # Ray starts a worker per CPU as it starts; importing the trial's heavy modules in
-        # them then, while the driver opens its MLflow run and builds the Tuner, takes
-        # seconds off every trial's actor start.
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 _system_config={"preload_python_modules": list(WORKER_PRELOAD)})
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)

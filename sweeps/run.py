@@ -40,8 +40,7 @@ def plan_and_join_ray(args):
 
     On one machine the start-up overlaps. Once the quick checks have passed (the space,
     flags, model name, resources, tracking server), Ray starts in the main thread, where it
-    sets its signal handlers, and its workers import what trials need
-    (``driver.WORKER_PRELOAD``); meanwhile a helper thread runs the slower checks (scanning
+    sets its signal handlers; meanwhile a helper thread runs the slower checks (scanning
     and decoding the data, building the model) and opens the sweep's MLflow run. When a
     slower check fails, Ray is shut down again and nothing was logged. On a cluster every
     check comes first, then Ray: nothing is logged when a node cannot see the storage or
