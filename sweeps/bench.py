@@ -91,7 +91,8 @@ DEFINITIONS = {
                 "platform (execute(): TPE, ASHA, MLflow, no --max-concurrent) of --rampup-lanes trials at "
                 "1 CPU each, whose trainable imports nothing heavy and sleeps: seconds from the first "
                 "trial's start to the moment all run at once (the last one's start, each taken inside "
-                "the trainable; no trial ends before it).",
+                "the trainable; no trial ends before it); alternating with the bare loop, the lowest of "
+                "--rounds.",
     "bare_random_rampup_s": "The same for a bare tune.Tuner over Tune's random search (which starts every "
                             "trial at once), the same trainable, data parameter, resources and actor "
                             "reuse, on a node of the same size.",
@@ -140,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rampup-lanes", type=int, default=16, metavar="N",
                    help="trials that must all run at once in the ramp-up sweeps, on a node declaring N "
                         "CPUs (default 16; 0: not measured)")
-    p.add_argument("--rampup-sleep", type=float, default=30.0, metavar="S",
-                   help="seconds each ramp-up trial sleeps: longer than the lanes take to fill (default 30)")
+    p.add_argument("--rampup-sleep", type=float, default=20.0, metavar="S",
+                   help="seconds each ramp-up trial sleeps: longer than the lanes take to fill (default 20)")
     p.add_argument("--pipeline-images", type=int, default=0, metavar="N",
                    help="also measure sweeps/bench_pipeline.py's 224 px input-pipeline figures on N "
                         "generated JPEGs (4000 for the README's), under input_pipeline in the JSON "
@@ -226,7 +227,7 @@ def measure(args, work: Path) -> dict:
     if args.rampup_lanes:
         phase("rampup", f"{args.rampup_lanes} sleeping trials on a node of {args.rampup_lanes} CPUs, "
                         "the platform and bare random search")
-        rampup = bench_sweeps.measure_rampup(args, work, args.rampup_lanes, args.rampup_sleep)
+        rampup = bench_sweeps.measure_rampup(args, work, args.rampup_lanes, args.rampup_sleep, args.rounds)
     busy["end"] = machine_load()
     return {**limit, **sweep, **overhead, **decodes, **cache, **rampup, "load": busy}
 
