@@ -122,7 +122,9 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
             train_loss, seen = step.train_epoch(train)
         except TrialDiverged as e:
             # Retrying from the last checkpoint would diverge again: stop, with the reason.
-            metrics = {"epoch": epoch, "val_acc": 0.0, "diverged": 1, "stop_reason": str(e)}
+            # best_val_acc: the objective TPE and ASHA read; a diverging setting scores nothing
+            metrics = {"epoch": epoch, "val_acc": 0.0, "best_val_acc": 0.0, "diverged": 1,
+                       "stop_reason": str(e)}
             if report is None:
                 raise
             report(metrics, None)
