@@ -105,6 +105,8 @@ def resolve(space: str) -> Path:
     """``--space`` is a name in ``search_spaces/`` or a path to a YAML file."""
     as_path = Path(space)
     if as_path.suffix in (".yaml", ".yml") or as_path.exists():
+        if as_path.is_dir():
+            raise SpaceError(f"--space {as_path}: a folder, not a space file")
         if not as_path.is_file():
             raise SpaceError(f"space file not found: {as_path}")
         return as_path
@@ -121,10 +123,7 @@ def available() -> list[str]:
 
 def load_space(space: str) -> Space:
     path = resolve(space)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpaceError(f"{path}: malformed YAML: {e}") from None
+    raw = _read_yaml(path)
     if not isinstance(raw, dict):
         raise SpaceError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     _check_keys(path, "", raw, TOP_KEYS)
@@ -151,6 +150,41 @@ def load_space(space: str) -> Space:
     if space.grace_period < 1 or space.reduction_factor <= 1:
         raise SpaceError(f"{path}: asha needs grace_period >= 1 and reduction_factor > 1")
     return space
+
+
+MAX_FILE_BYTES = 1 << 20
+MAX_VALUES = 10_000  # a space has a few dozen; aliases (&a / *a) must not multiply them
+
+
+def _read_yaml(path: Path):
+    """The file's YAML, or a SpaceError naming it: not text, too big, malformed, or a
+    "billion laughs" whose nested aliases would expand to more than ``MAX_VALUES``."""
+    try:
+        if path.stat().st_size > MAX_FILE_BYTES:
+            raise SpaceError(f"{path}: {path.stat().st_size} bytes; a space file is a few hundred")
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpaceError(f"{path}: not a text file (not UTF-8); a space file is YAML") from None
+    except OSError as e:
+        raise SpaceError(f"{path}: cannot be read ({e.strerror or type(e).__name__})") from None
+    try:
+        raw = yaml.safe_load(text)  # an alias is one shared object here, not a copy
+    except yaml.YAMLError as e:
+        raise SpaceError(f"{path}: malformed YAML: {e}") from None
+    except RecursionError:
+        raise SpaceError(f"{path}: malformed YAML: nested too deeply") from None
+    count, stack = 0, [raw]
+    while stack:  # counts what a reader walking the file would see, up to the cap
+        node = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise SpaceError(f"{path}: more than {MAX_VALUES} values once its YAML aliases are "
+                             "expanded (nested or self-referencing aliases); write the values out")
+        if isinstance(node, dict):
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return raw
 
 
 def _check_keys(path: Path, prefix: str, mapping: dict, allowed) -> None:
@@ -211,7 +245,7 @@ def _param(path: Path, name: str, spec) -> Param:
             raise SpaceError(f"{where}: {kind} draws fractional values, but {name} is an integer key; "
                              f"use 'int' (low..high) or 'choice' (e.g. values: [16, 32, 64])")
         low, high = coerce(name, spec["low"]), coerce(name, spec["high"])
-    except ValueError as e:
+    except (ValueError, OverflowError) as e:  # int(float("1e999")) overflows
         raise SpaceError(f"{where}: {e}") from None
     if TrialConfig.keys()[name] not in (int, float):
         raise SpaceError(f"{where}: {kind} needs a numeric key; use 'choice'")
@@ -235,6 +269,10 @@ def _check_values(path: Path, where: str, values: dict) -> dict:
             value = coerce(key, value)
         except ValueError as e:
             raise SpaceError(f"{path}: {where}: {e}") from None
+        except OverflowError:  # int(float("1e999"))
+            raise SpaceError(f"{path}: {where}: {key}: expected an integer, got {value!r}") from None
+        if isinstance(value, float) and not math.isfinite(value):  # .nan, .inf, 1e999
+            raise SpaceError(f"{path}: {where}: {key} must be a finite number, got {value}")
         if key in _POSITIVE and value <= 0:
             raise SpaceError(f"{path}: {where}: {key} must be > 0, got {value}")
         if key in _NON_NEGATIVE and value < 0:

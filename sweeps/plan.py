@@ -7,6 +7,7 @@ the culprit; ``run.py`` turns it into exit code 2.
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 import re
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from sweeps import storage
 from sweeps.cli import parse_sets
 from sweeps.warm_start import WarmStart, earlier_trials
 from trainables import demo
-from trainables.config import coerce
+from trainables.config import TrialConfig, coerce
 from trainables.data import DataError, DataHandle, scan
 from trainables.models import ModelError, build_model, check_model_name, normalization, num_stages
 
@@ -83,6 +84,7 @@ def prepare(args, log=print, checked: Callable[[], None] | None = None) -> Plan:
 def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     from sweeps.tracking import check_tracking_uri, sweep_inputs
 
+    _check_flags(args)
     space = load_space(args.space)
     is_demo = args.data is None
     flags = {"model": args.model, "image_size": args.image_size, "max_epochs": args.max_epochs}
@@ -97,6 +99,7 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     _check_pruning(space)
     max_acc_drop = _max_acc_drop(args, space)
     _check_resources(args)
+    _check_storage(args.storage)
     check_tracking_uri(args.tracking_uri)
     checked()
 
@@ -261,6 +264,52 @@ def _warm_start(args, space: Space, fingerprint: str, log) -> WarmStart:
         return earlier_trials(args.tracking_uri, args.warm_start, space, fingerprint, log=log)
     except SweepNotFound as e:
         raise UsageError(f"--warm-start: {e}") from None
+
+
+def _check_flags(args) -> None:
+    """Numbers no sweep can use, refused naming the flag before the space is even read."""
+    def refuse(flag: str, value, rule: str):
+        raise UsageError(f"{flag} must be {rule}, got {value}")
+
+    for flag, value in (("--cpus-per-trial", args.cpus_per_trial), ("--gpus-per-trial", args.gpus_per_trial),
+                        ("--time-budget", args.time_budget), ("--val-fraction", args.val_fraction),
+                        ("--max-acc-drop", args.max_acc_drop)):
+        if value is not None and not math.isfinite(value):
+            refuse(flag, value, "a finite number")
+    if args.time_budget is not None and args.time_budget <= 0:
+        refuse("--time-budget", args.time_budget, "> 0 seconds")
+    if not 0 < args.val_fraction < 1:
+        refuse("--val-fraction", args.val_fraction, "between 0 and 1 (exclusive)")
+    for flag, value, low in (("--max-epochs", args.max_epochs, 1), ("--image-size", args.image_size, 1),
+                             ("--max-concurrent", args.max_concurrent, 1), ("--max-failures", args.max_failures, -1)):
+        if value is not None and value < low:
+            refuse(flag, value, f">= {low}")
+    for flag, value in (("--seed", args.seed), ("--split-seed", args.split_seed)):
+        if value is not None and not 0 <= value < 2**32:  # what numpy's and sklearn's seeds take
+            refuse(flag, value, "between 0 and 2**32 - 1")
+    for key, value in parse_sets(args.set).items():
+        if key not in TrialConfig.keys():
+            continue  # unknown keys are named, with the allowed ones, by the space's check
+        try:
+            coerced = coerce(key, value)
+        except (ValueError, OverflowError) as e:  # int("1e999") overflows
+            raise UsageError(f"--set {key}={value}: {e}") from None
+        if isinstance(coerced, float) and not math.isfinite(coerced):
+            raise UsageError(f"--set {key}={value}: {key} must be a finite number")
+
+
+def _check_storage(where: str) -> None:
+    """A local --storage must be a folder, or one we can create; nothing is created here."""
+    if "://" in where:
+        return
+    path = Path(where).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"--storage {where}: {path} is a file, not a folder")
+    existing = next(p for p in (path, *path.parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--storage {where}: cannot create it, {existing} is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--storage {where}: {existing} is not writable (permission denied)")
 
 
 def _check_resources(args) -> None:

@@ -24,12 +24,12 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageOps
 
 from trainables.pipeline import Batches, decode_size  # noqa: F401 - Batches: its import path
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-CACHE_VERSION = 2  # 2: decoded at image_size / 0.875, room for crops
+CACHE_VERSION = 3  # 2: decoded at image_size / 0.875, room for crops; 3: 16-bit scaled, EXIF
 
 # Counts calls of decode_image in this process; tests use it to prove trials never decode.
 DECODE_COUNT = 0
@@ -165,16 +165,35 @@ def decode_image(path: str, size: int) -> np.ndarray:
     """Decode one image to RGB, resize its short side to ``size`` and centre-crop."""
     global DECODE_COUNT
     DECODE_COUNT += 1
-    with Image.open(path) as im:
-        im.load()
-        if im.mode == "P" and "transparency" in im.info:
-            im = im.convert("RGBA")  # palette transparency is lost by a direct RGB convert
-        im = im.convert("RGB")
+    with Image.open(path) as im:  # an animation or a multi-page TIFF: its first frame
+        im = to_rgb(im)
     scale = size / min(im.size)
     w, h = max(size, round(im.width * scale)), max(size, round(im.height * scale))
     im = im.resize((w, h), Image.Resampling.BILINEAR, reducing_gap=None)
     left, top = (w - size) // 2, (h - size) // 2
     return np.asarray(im.crop((left, top, left + size, top + size)), dtype=np.uint8)
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """An 8-bit RGB image as a viewer shows ``im``: upright, its full range kept.
+
+    PIL's own ``convert("RGB")`` clips wider pixels (a 16-bit PNG comes out almost white),
+    so 16/32-bit integers are scaled from 0..65535 and float images from 0..1 (or clipped
+    to 0..255 when they go beyond 1) first. The EXIF orientation a camera wrote is applied.
+    """
+    im.load()
+    im = ImageOps.exif_transpose(im)  # a phone's portrait photo is stored sideways
+    if im.mode.startswith("I;16") or im.mode == "I":
+        wide = np.asarray(im, dtype=np.float64)
+        im = Image.fromarray((np.clip(wide, 0, 65535) / 257 + 0.5).astype(np.uint8), "L")
+    elif im.mode == "F":
+        wide = np.nan_to_num(np.asarray(im, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+        if wide.max(initial=0) <= 1:
+            wide = wide * 255
+        im = Image.fromarray((np.clip(wide, 0, 255) + 0.5).astype(np.uint8), "L")
+    elif im.mode in ("P", "PA") and ("transparency" in im.info or im.mode == "PA"):
+        im = im.convert("RGBA")  # palette transparency is lost by a direct RGB convert
+    return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, L, LA, 1, RGBA: PIL's own conversion
 
 
 @dataclass(frozen=True)
