@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = execute(plan, started, opened=opened)
     print(storage.join(plan.sweep_dir, "sweep_summary.json"))
+    if info.get("interrupted"):
+        return 130  # the shell's code for Ctrl-C: a stopped sweep is not a finished one
     return 0 if info["best"] is not None else 1
 
 
@@ -131,9 +135,11 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
     driver.init_ray(plan.ray_address)
     max_epochs = plan.total_epochs
     MlflowTrials.active = tracker
-    with driver.json_results_only():
-        results = driver.build_tuner(plan, [MlflowTrials(max_epochs)], trainable).fit()
-    tracker.reconcile(results, max_epochs)
+    ctrl_c = CtrlC()
+    with driver.json_results_only(), ctrl_c:
+        results = driver.build_tuner(plan, [MlflowTrials(max_epochs), ctrl_c.callback()], trainable).fit()
+    if not ctrl_c.caught:  # an interrupted sweep's running trials stay open for --resume, as after a kill
+        tracker.reconcile(results, max_epochs)
 
     best = summary.best_trial(results)
     best_dir = sweep_dir / "best"
@@ -146,9 +152,11 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
                              {"best_val_acc": best[1]["val_acc"] if best else 0.0, **counts,
                               "wall_s": time.time() - started,
                               "total_trial_epochs": summary.total_epochs(results)},
-                             failed=best is None)
+                             failed=best is None or ctrl_c.caught)
     info = summary.build_summary(plan, tracker, results, time.time() - started, best, best_dir, pending)
     info["checkpoints"] = checkpoints
+    if ctrl_c.caught:
+        info["interrupted"] = {"signal": "SIGINT", "resume": resume_hint(plan)}
     if folder.remote and info["best"]:
         info["best"]["checkpoint"] = folder.location("best", "model.pt")
     summary.write_summary(info, sweep_dir)
@@ -176,6 +184,54 @@ def _print_end(info: dict, tracker, pending: list) -> None:
     if pending:
         print(f"WARNING: {len(pending)} MLflow writes could not be sent "
               f"({tracker.write.last_error}); kept in {tracker.write.spool}")
+    if info.get("interrupted"):
+        print(f"INTERRUPTED (Ctrl-C): the sweep did not finish; its MLflow run is marked FAILED. "
+              f"To continue it, {info['interrupted']['resume']}", file=sys.stderr)
+
+
+def resume_hint(plan) -> str:
+    return f"run the same command with --resume --name {plan.name}"
+
+
+class CtrlC:
+    """Notes a Ctrl-C (SIGINT) during ``Tuner.fit()``. Ray Tune catches it, saves its state
+    and returns as if the sweep had ended; without this note the driver would call an
+    interrupted sweep a success. Its ``callback()``'s ``setup`` runs once Tune's own handler
+    is in place, and wraps it; leaving the ``with`` restores the handler from before."""
+
+    def __init__(self):
+        self.caught = False
+
+    def __enter__(self):
+        self._before = signal.getsignal(signal.SIGINT)
+        return self
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._before)
+
+    def callback(self):
+        from ray import tune
+
+        wrap = self.wrap_tune_handler
+
+        class NoteCtrlC(tune.Callback):
+            def setup(self, **info):
+                wrap()
+        return NoteCtrlC()
+
+    def wrap_tune_handler(self):
+        tune_handler = signal.getsignal(signal.SIGINT)
+
+        def note(sig, frame):
+            self.caught = True
+            if callable(tune_handler):
+                tune_handler(sig, frame)  # Tune's: stop, save, restore the handler from before
+            else:
+                raise KeyboardInterrupt
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, note)
 
 
 if __name__ == "__main__":

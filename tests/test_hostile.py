@@ -279,3 +279,48 @@ def test_storage_without_permission_is_refused(in_tmp, capsys):
     (in_tmp / "locked").mkdir(mode=0o500)
     refused(["--space", "smoke", "--storage", "locked/results"], capsys, "--storage locked/results",
             "not writable")
+
+
+# --- signals ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_ctrl_c_during_a_sweep_is_not_a_success(tmp_path, cache_dir):
+    """SIGINT mid-sweep: exit 130, the parent run FAILED (not FINISHED), the summary and the
+    last words say it was interrupted and how to go on (--resume)."""
+    import json
+    import signal
+    import subprocess
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    from conftest import RUN, stop_group
+
+    data = write_image_folder(tmp_path / "images")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    log = tmp_path / "driver.log"
+    driver = subprocess.Popen(
+        [*RUN, "--space", "smoke", "--trials", "2", "--max-epochs", "500", "--image-size", "16",
+         "--weights", "none", "--data", str(data), "--name", "cut", "--tracking-uri", uri,
+         "--storage", str(tmp_path / "results")],
+        cwd=tmp_path, stdout=open(log, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 300
+        results = tmp_path / "results" / "cut"
+        while time.monotonic() < deadline and driver.poll() is None:
+            if any(f.stat().st_size for f in results.glob("trial_*/result.json")):
+                break  # a trial has reported an epoch
+            time.sleep(0.5)
+        assert driver.poll() is None, log.read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGINT)
+        rc = driver.wait(300)
+    finally:
+        stop_group(driver)
+    out = log.read_text()
+    assert rc == 130, out[-3000:]
+    assert "INTERRUPTED (Ctrl-C)" in out and "--resume --name cut" in out
+    summary = json.loads((results / "sweep_summary.json").read_text())
+    assert summary["interrupted"]["signal"] == "SIGINT" and "--resume" in summary["interrupted"]["resume"]
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    assert parent.info.status == "FAILED"
