@@ -324,3 +324,30 @@ def test_ctrl_c_during_a_sweep_is_not_a_success(tmp_path, cache_dir):
     client = MlflowClient(uri)
     parent = client.get_run(summary["parent_run_id"])
     assert parent.info.status == "FAILED"
+
+
+# --- sizes and folder shapes ------------------------------------------------------------
+
+@pytest.mark.parametrize("shape", [(1, 60_000), (60_000, 1), (1, 1)])
+def test_an_extreme_aspect_ratio_decodes_without_a_giant_intermediate(tmp_path, shape):
+    """Resizing a 1 x 60000 strip's short side to 256 before cropping would need 11 GB."""
+    import resource
+
+    width, height = shape
+    Image.new("L", (width, height), 77).save(tmp_path / "strip.png")
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out = decode_image(str(tmp_path / "strip.png"), 256)
+    assert out.shape == (256, 256, 3) and (out == 77).all()
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB
+
+
+def test_a_symlink_loop_in_a_class_folder_does_not_hang_the_scan(tmp_path):
+    data = write_image_folder(tmp_path / "images", per_class=3)
+    (data / "cat" / "up").symlink_to("..")
+    assert len(scan(data)) == 6
+
+
+def test_a_file_named_as_the_data_folder_is_refused_naming_it(tmp_path):
+    (tmp_path / "images").write_text("x")
+    with pytest.raises(DataError, match=f"data folder not found: {tmp_path / 'images'}"):
+        scan(tmp_path / "images")
