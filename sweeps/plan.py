@@ -271,6 +271,13 @@ def _check_flags(args) -> None:
     def refuse(flag: str, value, rule: str):
         raise UsageError(f"{flag} must be {rule}, got {value}")
 
+    for flag in ("space", "data", "model", "weights", "experiment", "name", "storage", "tracking_uri",
+                 "warm_start", "ray_address"):  # '' would silently mean the default, or '.'
+        value = getattr(args, flag, None)
+        if value is not None and not value.strip():
+            refuse(f"--{flag.replace('_', '-')}", repr(value), "a non-empty value")
+    _check_tracking_scheme(args.tracking_uri)
+
     for flag, value in (("--cpus-per-trial", args.cpus_per_trial), ("--gpus-per-trial", args.gpus_per_trial),
                         ("--time-budget", args.time_budget), ("--val-fraction", args.val_fraction),
                         ("--max-acc-drop", args.max_acc_drop)):
@@ -310,6 +317,24 @@ def _check_storage(where: str) -> None:
         raise UsageError(f"--storage {where}: cannot create it, {existing} is a file")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--storage {where}: {existing} is not writable (permission denied)")
+
+
+def _check_tracking_scheme(uri: str) -> None:
+    """A scheme MLflow has no store for (``foo://``) fails here, not in a traceback later."""
+    import urllib.parse
+
+    from sweeps.tracking import redact
+
+    try:
+        from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+        known = set(_tracking_store_registry._registry)
+    except (ImportError, AttributeError):  # a private registry: if it moves, skip this check
+        return
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme not in known and len(scheme) > 1:  # one letter: a Windows drive
+        raise UsageError(f"--tracking-uri {redact(uri)}: MLflow has no tracking store for "
+                         f"'{scheme}://' (one of: {', '.join(sorted(k for k in known if k))})")
 
 
 def _check_resources(args) -> None:

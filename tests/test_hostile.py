@@ -202,6 +202,14 @@ BAD_FLAGS = [
     (["--seed", "-3"], "--seed must be between 0 and 2**32 - 1, got -3"),
     (["--max-concurrent", "0"], "--max-concurrent must be >= 1, got 0"),
     (["--cpus-per-trial", "nan"], "--cpus-per-trial must be a finite number, got nan"),
+    (["--gpus-per-trial", "inf"], "--gpus-per-trial must be a finite number, got inf"),
+    (["--max-acc-drop", "nan"], "--max-acc-drop must be a finite number, got nan"),
+    (["--data", ""], "--data must be a non-empty value, got ''"),
+    (["--model", " "], "--model must be a non-empty value, got ' '"),
+    (["--experiment", ""], "--experiment must be a non-empty value, got ''"),
+    (["--name", ""], "--name must be a non-empty value, got ''"),
+    (["--weights", ""], "--weights must be a non-empty value, got ''"),
+    (["--tracking-uri", "foo://bar"], "--tracking-uri foo://bar: MLflow has no tracking store for 'foo://'"),
 ]
 
 
