@@ -148,7 +148,8 @@ def packed(cfg: TrialConfig, handle: DataHandle, device: str, n: int) -> list[di
                 dead = [p.exitcode for p in procs if p.exitcode not in (None, 0)]
                 if dead or time.monotonic() > deadline:
                     raise RuntimeError(f"packed trials exited with {dead} or hung") from None
-        errors = [r["error"] for r in out if "error" in r]
+        # a trial that failed aborts the barrier the others wait at: its own error comes first
+        errors = sorted((r["error"] for r in out if "error" in r), key=lambda e: "BrokenBarrierError" in e)
         if errors:
             raise RuntimeError(f"{len(errors)} of {n} packed trials failed; the first:\n{errors[0]}")
     finally:
