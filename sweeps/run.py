@@ -33,8 +33,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     info = execute(plan, started, opened=opened)
     print(storage.join(plan.sweep_dir, "sweep_summary.json"))
-    if info.get("interrupted"):
-        return 130  # the shell's code for Ctrl-C: a stopped sweep is not a finished one
+    if info.get("interrupted"):  # a stopped sweep is not a finished one: 130 for Ctrl-C, 143 for SIGTERM
+        return 128 + signal.Signals[info["interrupted"]["signal"]].value
     return 0 if info["best"] is not None else 1
 
 
@@ -138,7 +138,7 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
     ctrl_c = CtrlC()
     with driver.json_results_only(), ctrl_c:
         results = driver.build_tuner(plan, [MlflowTrials(max_epochs), ctrl_c.callback()], trainable).fit()
-    if not ctrl_c.caught:  # an interrupted sweep's running trials stay open for --resume, as after a kill
+    if ctrl_c.caught is None:  # an interrupted sweep's running trials stay open for --resume, as after a kill
         tracker.reconcile(results, max_epochs)
 
     best = summary.best_trial(results)
@@ -152,11 +152,11 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
                              {"best_val_acc": best[1]["val_acc"] if best else 0.0, **counts,
                               "wall_s": time.time() - started,
                               "total_trial_epochs": summary.total_epochs(results)},
-                             failed=best is None or ctrl_c.caught)
+                             failed=best is None or ctrl_c.caught is not None)
     info = summary.build_summary(plan, tracker, results, time.time() - started, best, best_dir, pending)
     info["checkpoints"] = checkpoints
-    if ctrl_c.caught:
-        info["interrupted"] = {"signal": "SIGINT", "resume": resume_hint(plan)}
+    if ctrl_c.caught is not None:
+        info["interrupted"] = {"signal": ctrl_c.caught.name, "resume": resume_hint(plan)}
     if folder.remote and info["best"]:
         info["best"]["checkpoint"] = folder.location("best", "model.pt")
     summary.write_summary(info, sweep_dir)
@@ -185,7 +185,8 @@ def _print_end(info: dict, tracker, pending: list) -> None:
         print(f"WARNING: {len(pending)} MLflow writes could not be sent "
               f"({tracker.write.last_error}); kept in {tracker.write.spool}")
     if info.get("interrupted"):
-        print(f"INTERRUPTED (Ctrl-C): the sweep did not finish; its MLflow run is marked FAILED. "
+        how = "Ctrl-C" if info["interrupted"]["signal"] == "SIGINT" else info["interrupted"]["signal"]
+        print(f"INTERRUPTED ({how}): the sweep did not finish; its MLflow run is marked FAILED. "
               f"To continue it, {info['interrupted']['resume']}", file=sys.stderr)
 
 
@@ -194,21 +195,27 @@ def resume_hint(plan) -> str:
 
 
 class CtrlC:
-    """Notes a Ctrl-C (SIGINT) during ``Tuner.fit()``. Ray Tune catches it, saves its state
-    and returns as if the sweep had ended; without this note the driver would call an
-    interrupted sweep a success. Its ``callback()``'s ``setup`` runs once Tune's own handler
-    is in place, and wraps it; leaving the ``with`` restores the handler from before."""
+    """Notes a Ctrl-C (SIGINT) or a SIGTERM during ``Tuner.fit()``. Ray Tune catches SIGINT,
+    saves its state and returns as if the sweep had ended; without this note the driver
+    would call an interrupted sweep a success. A SIGTERM (``kill``, a cluster's scheduler)
+    is stopped the same way instead of killing the driver mid-write; a second one kills.
+    Its ``callback()``'s ``setup`` runs once Tune's own handler is in place, and wraps it;
+    leaving the ``with`` restores the handlers from before."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
-        self.caught = False
+        self.caught: signal.Signals | None = None
 
     def __enter__(self):
-        self._before = signal.getsignal(signal.SIGINT)
+        # None: a handler not set from Python; the default is what restoring can give back
+        self._before = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in self.SIGNALS}
         return self
 
     def __exit__(self, *exc):
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._before)
+            for sig, handler in self._before.items():
+                signal.signal(sig, handler)
 
     def callback(self):
         from ray import tune
@@ -224,14 +231,17 @@ class CtrlC:
         tune_handler = signal.getsignal(signal.SIGINT)
 
         def note(sig, frame):
-            self.caught = True
+            self.caught = self.caught or signal.Signals(sig)
+            if sig == signal.SIGTERM:
+                signal.signal(signal.SIGTERM, self._before[signal.SIGTERM])  # a second one kills
             if callable(tune_handler):
-                tune_handler(sig, frame)  # Tune's: stop, save, restore the handler from before
+                tune_handler(sig, frame)  # Tune's: stop, save, restore the SIGINT handler from before
             else:
                 raise KeyboardInterrupt
 
         if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, note)
+            for sig in self.SIGNALS:
+                signal.signal(sig, note)
 
 
 if __name__ == "__main__":
