@@ -54,7 +54,6 @@ def plan_and_join_ray(args):
         plan = prepare(args)
         check_cluster(plan)
         return plan, None
-    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
@@ -119,7 +118,7 @@ def check_cluster(plan) -> None:
 def execute(plan, started: float | None = None, trainable=None, opened=None) -> dict:
     """Run a checked plan: MLflow parent run (``opened`` by ``plan_and_join_ray``, or now), Tuner
     fit, best checkpoint, summary."""
-    from sweeps import driver, retention, summary
+    from sweeps import driver, retention, signals, summary
     from sweeps.tracking import MlflowTrials, trial_id_of
 
     started = started or time.time()
@@ -135,7 +134,7 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
     driver.init_ray(plan.ray_address)
     max_epochs = plan.total_epochs
     MlflowTrials.active = tracker
-    ctrl_c = CtrlC()
+    ctrl_c = signals.CtrlC()
     with driver.json_results_only(), ctrl_c:
         results = driver.build_tuner(plan, [MlflowTrials(max_epochs), ctrl_c.callback()], trainable).fit()
     if ctrl_c.caught is None:  # an interrupted sweep's running trials stay open for --resume, as after a kill
@@ -192,56 +191,6 @@ def _print_end(info: dict, tracker, pending: list) -> None:
 
 def resume_hint(plan) -> str:
     return f"run the same command with --resume --name {plan.name}"
-
-
-class CtrlC:
-    """Notes a Ctrl-C (SIGINT) or a SIGTERM during ``Tuner.fit()``. Ray Tune catches SIGINT,
-    saves its state and returns as if the sweep had ended; without this note the driver
-    would call an interrupted sweep a success. A SIGTERM (``kill``, a cluster's scheduler)
-    is stopped the same way instead of killing the driver mid-write; a second one kills.
-    Its ``callback()``'s ``setup`` runs once Tune's own handler is in place, and wraps it;
-    leaving the ``with`` restores the handlers from before."""
-
-    SIGNALS = (signal.SIGINT, signal.SIGTERM)
-
-    def __init__(self):
-        self.caught: signal.Signals | None = None
-
-    def __enter__(self):
-        # None: a handler not set from Python; the default is what restoring can give back
-        self._before = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in self._before.items():
-                signal.signal(sig, handler)
-
-    def callback(self):
-        from ray import tune
-
-        wrap = self.wrap_tune_handler
-
-        class NoteCtrlC(tune.Callback):
-            def setup(self, **info):
-                wrap()
-        return NoteCtrlC()
-
-    def wrap_tune_handler(self):
-        tune_handler = signal.getsignal(signal.SIGINT)
-
-        def note(sig, frame):
-            self.caught = self.caught or signal.Signals(sig)
-            if sig == signal.SIGTERM:
-                signal.signal(signal.SIGTERM, self._before[signal.SIGTERM])  # a second one kills
-            if callable(tune_handler):
-                tune_handler(sig, frame)  # Tune's: stop, save, restore the SIGINT handler from before
-            else:
-                raise KeyboardInterrupt
-
-        if threading.current_thread() is threading.main_thread():
-            for sig in self.SIGNALS:
-                signal.signal(sig, note)
 
 
 if __name__ == "__main__":
