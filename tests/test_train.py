@@ -76,7 +76,8 @@ def test_a_diverging_trial_says_so(handle):
 
 def test_patience_stops_when_val_acc_stops_improving(handle):
     seen = []
-    run_trial(tiny(lr=1e-9, max_epochs=6, patience=2), handle, collect(seen), threads=1)
+    # every stage frozen (BatchNorm in eval mode) and lr ~0: val_acc cannot move after epoch 1
+    run_trial(tiny(lr=1e-9, max_epochs=6, patience=2, frozen_depth=5), handle, collect(seen), threads=1)
     assert len(seen) == 3 and seen[-1]["early_stopped"] == 1
 
 
