@@ -11,8 +11,8 @@ import sys
 import pytest
 import torch
 
+from benchmarks import bench, bench_sweeps
 from search_spaces.loader import load_space
-from sweeps import bench, bench_sweeps
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, scan
 
@@ -122,7 +122,7 @@ def test_benchmark_writes_every_figure(tmp_path):
     folder = write_image_folder(tmp_path / "images", per_class=8)
     out = tmp_path / "bench.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "sweeps" / "bench.py"), "--out", str(out), "--data", str(folder),
+        [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--out", str(out), "--data", str(folder),
          "--image-size", "32", "--cpus", "2", "--trials", "2", "--epochs", "1", "--limit-epochs", "1",
          "--decode-trials", "2", "--overhead-trials", "4", "--rounds", "1", "--feature-epochs", "1",
          "--rampup-lanes", "3", "--rampup-sleep", "12", "--work-dir", str(tmp_path / "work")],
@@ -150,7 +150,7 @@ sys.argv = ["gpu_bench.py", "--out", {str(tmp_path / 'gpu.json')!r}, "--device",
             "resnet18", "--image-size", "16", "--images", "64", "--batch-size", "16", "--epochs", "2",
             "--pack", "2", "--work-dir", {str(tmp_path / 'work')!r}]
 sys.path.insert(0, {str(ROOT)!r})
-from sweeps import gpu_bench
+from benchmarks import gpu_bench
 code = gpu_bench.main()
 assert not {{"ray", "mlflow", "optuna", "sklearn"}} & set(sys.modules), "imported a sweep-only package"
 sys.exit(code)
@@ -172,7 +172,7 @@ sys.exit(code)
 
 
 def test_a_failing_packed_trial_stops_the_gpu_benchmark_instead_of_hanging(tmp_path):
-    from sweeps import gpu_bench
+    from benchmarks import gpu_bench
 
     images = gpu_bench.make_images(tmp_path / "images", 8)
     handle = DataHandle(scan(images), 16, str(tmp_path / "cache"))
@@ -183,6 +183,6 @@ def test_a_failing_packed_trial_stops_the_gpu_benchmark_instead_of_hanging(tmp_p
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA device")
 def test_gpu_benchmark_without_cuda_says_so(tmp_path):
-    run = subprocess.run([sys.executable, str(ROOT / "sweeps" / "gpu_bench.py"), "--out", str(tmp_path / "g.json")],
+    run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_bench.py"), "--out", str(tmp_path / "g.json")],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "sees no CUDA device" in run.stderr

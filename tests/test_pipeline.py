@@ -95,7 +95,7 @@ def test_prefetch_keeps_order_propagates_errors_and_stops_when_abandoned():
 def photos(tmp_path_factory):
     """40 generated JPEGs in 4 classes, one of them a class of one image."""
     pytest.importorskip("skimage")
-    from sweeps.bench_pipeline import make_photo_folder
+    from benchmarks.bench_pipeline import make_photo_folder
 
     root = tmp_path_factory.mktemp("photos")
     folder = make_photo_folder(root / "train", [13, 13, 13, 1], classes=4)

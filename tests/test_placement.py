@@ -40,7 +40,7 @@ def test_quarter_gpu_trials_run_four_at_once_on_the_one_gpu(tmp_path, image_fold
         ray.shutdown()
 
     assert info["trials"]["errored"] == 0
-    from sweeps.bench_sweeps import trial_results
+    from benchmarks.bench_sweeps import trial_results
 
     results = [r[-1] for r in trial_results(plan.sweep_dir) if r]
     assert len(results) == 4
@@ -55,7 +55,7 @@ def test_without_max_concurrent_every_lane_runs_at_once(tmp_path, image_folder, 
     one trial pending: lanes fill one actor start after another.)"""
     import ray
 
-    from sweeps.bench_sweeps import trial_results
+    from benchmarks.bench_sweeps import trial_results
     from sweeps.cli import build_parser
     from sweeps.plan import prepare
     from sweeps.run import execute

@@ -1,6 +1,6 @@
 """The benchmark's sweeps: real ones through the platform, and bare Ray Tune for comparison.
 
-Helpers of ``sweeps/bench.py``. Each sweep gets Ray to itself: it starts Ray and shuts it
+Helpers of ``benchmarks/bench.py``. Each sweep gets Ray to itself: it starts Ray and shuts it
 down before the next begins, so every measured wall time pays for the same things.
 """
 

@@ -1,6 +1,6 @@
 """Soak check: run a long sweep of short trials and prove every trial is accounted for once.
 
-    python sweeps/soak.py --trials 50 --out soak.json
+    python benchmarks/soak.py --trials 50 --out soak.json
 
 Runs ``sweeps/run.py`` as a subprocess (on the embedded demo by default), samples the
 memory of its whole process tree (driver, Ray, trials) while it runs, then checks the

@@ -1,4 +1,4 @@
-"""The trainable alone on one GPU: ``python sweeps/gpu_bench.py --out gpu.json``.
+"""The trainable alone on one GPU: ``python benchmarks/gpu_bench.py --out gpu.json``.
 
 No Ray, MLflow, Optuna or scikit-learn: ``run_trial`` runs in this process, and for packing
 in several processes at once on the same device, as fractional ``--gpus-per-trial`` trials
@@ -48,7 +48,7 @@ PACK_TIMEOUT_S = 900  # a packed trial that neither reports nor exits by then ha
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweeps/gpu_bench.py", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="benchmarks/gpu_bench.py", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", required=True, metavar="FILE.json", help="where the figures go")
     p.add_argument("--models", default="resnet18,resnet50", help="comma-separated (default resnet18,resnet50)")
     p.add_argument("--image-size", type=int, default=224, metavar="N", help="pixels (default 224)")

@@ -1,4 +1,4 @@
-"""How close a sweep comes to this machine's limit: ``python sweeps/bench.py --out bench.json``.
+"""How close a sweep comes to this machine's limit: ``python benchmarks/bench.py --out bench.json``.
 
 One run, one machine, one model (resnet18 at 64 px, random weights: throughput does not
 depend on the weights, and nothing is downloaded) on the demo digits 5-9 or ``--data``.
@@ -28,7 +28,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps import bench_sweeps  # noqa: E402
+from benchmarks import bench_sweeps  # noqa: E402
 
 DEFINITIONS = {
     "limit_img_per_s": "One process without Ray, torch threads = --cpus, nothing frozen, run_trial for "
@@ -113,7 +113,7 @@ BOUNDS = {  # figure: (comparison, bound or the figure it is relative to, factor
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweeps/bench.py", description=__doc__.split("\n\n")[1],
+    p = argparse.ArgumentParser(prog="benchmarks/bench.py", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, metavar="FILE.json", help="where the figures go")
     p.add_argument("--model", default="resnet18", help="torchvision model (default resnet18)")
@@ -144,7 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rampup-sleep", type=float, default=20.0, metavar="S",
                    help="seconds each ramp-up trial sleeps: longer than the lanes take to fill (default 20)")
     p.add_argument("--pipeline-images", type=int, default=0, metavar="N",
-                   help="also measure sweeps/bench_pipeline.py's 224 px input-pipeline figures on N "
+                   help="also measure benchmarks/bench_pipeline.py's 224 px input-pipeline figures on N "
                         "generated JPEGs (4000 for the README's), under input_pipeline in the JSON "
                         "(default 0: not measured)")
     p.add_argument("--work-dir", metavar="DIR",
@@ -167,8 +167,8 @@ def main(argv: list[str] | None = None) -> int:
 
         with environment(FTSWEEP_CACHE=str(work / "cache")):
             figures = measure(args, work)
-        if args.pipeline_images:  # the 224 px input pipeline (sweeps/bench_pipeline.py), its own definitions
-            from sweeps import bench_pipeline
+        if args.pipeline_images:  # the 224 px input pipeline (benchmarks/bench_pipeline.py), its own definitions
+            from benchmarks import bench_pipeline
 
             figures["input_pipeline"] = bench_pipeline.report(work / "pipeline", args.pipeline_images)
     finally:

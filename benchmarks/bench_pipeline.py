@@ -1,4 +1,4 @@
-"""The input pipeline at 224 px: ``python sweeps/bench_pipeline.py --out pipeline.json``.
+"""The input pipeline at 224 px: ``python benchmarks/bench_pipeline.py --out pipeline.json``.
 
 On a generated ImageFolder of JPEG photos (``make_photo_folder``: 500x375 px crops of
 scikit-image's sample photos, 16 classes), decode once into the cache, then time the
@@ -170,7 +170,7 @@ def report(work: Path, images: int = 4000, **kw) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="sweeps/bench_pipeline.py", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="benchmarks/bench_pipeline.py", description=__doc__.split("\n\n")[1])
     p.add_argument("--out", required=True, metavar="FILE.json", help="where the figures go")
     p.add_argument("--images", type=int, default=4000, metavar="N",
                    help=f"JPEGs to generate, >= {MIN_IMAGES} (default 4000)")
