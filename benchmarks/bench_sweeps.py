@@ -22,14 +22,17 @@ def lanes(args) -> int:
     return int(args.cpus // args.cpus_per_trial)
 
 
-def sweep_argv(args, work: Path, name: str, trials: int, epochs: int,
-               experiment: str = "bench") -> list[str]:
-    """The ``sweeps/run.py`` command line of one benchmark sweep."""
+def sweep_argv(args, work: Path, name: str, trials: int, epochs: int, experiment: str = "bench",
+               cpus_per_trial: float | None = None, max_concurrent: bool = True) -> list[str]:
+    """The ``sweeps/run.py`` command line of one benchmark sweep: ``args.cpus_per_trial``
+    CPUs per trial unless ``cpus_per_trial`` is given, and ``--max-concurrent`` set to the
+    lanes unless ``max_concurrent`` is False (the sweep then fills the lanes on its own)."""
+    cpus = args.cpus_per_trial if cpus_per_trial is None else cpus_per_trial
     argv = ["--space", SPACE, "--model", args.model, "--weights", "none",
             "--image-size", str(args.image_size), "--trials", str(trials), "--max-epochs", str(epochs),
-            "--cpus-per-trial", str(args.cpus_per_trial), "--max-concurrent", str(lanes(args)),
-            "--tracking-uri", tracking_uri(work), "--experiment", experiment,
+            "--cpus-per-trial", str(cpus), "--tracking-uri", tracking_uri(work), "--experiment", experiment,
             "--storage", str(work / "sweeps"), "--name", name]
+    argv += ["--max-concurrent", str(lanes(args))] if max_concurrent else []
     # absolute: the command runs in the work folder
     return argv + (["--data", str(Path(args.data).resolve())] if args.data else [])
 
@@ -229,11 +232,8 @@ def measure_rampup(args, work: Path, lanes_: int = 16, sleep_s: float = 30.0, ro
     its lowest: other load on the machine only ever adds time."""
     per: dict[str, list[float]] = {"platform": [], "bare": []}
     for _ in range(rounds):
-        argv = ["--space", SPACE, "--model", args.model, "--weights", "none", "--image-size", str(args.image_size),
-                "--trials", str(lanes_), "--max-epochs", "1", "--cpus-per-trial", "1",
-                "--tracking-uri", tracking_uri(work), "--experiment", "bench-rampup",
-                "--storage", str(work / "sweeps"), "--name", f"rampup-{time.time_ns()}"]
-        argv += ["--data", str(Path(args.data).resolve())] if args.data else []
+        argv = sweep_argv(args, work, f"rampup-{time.time_ns()}", lanes_, 1, "bench-rampup",
+                          cpus_per_trial=1, max_concurrent=False)
         plan = in_process(argv, work / "rampup.log", sleeper(sleep_s), ray_cpus=lanes_)
         per["platform"].append(rampup(trial_results(plan.sweep_dir), lanes_))
         bare = bare_tune(plan, lanes_, None, work / "rampup.log", json_only=True, trainable=sleeper(sleep_s),

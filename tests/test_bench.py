@@ -89,6 +89,18 @@ def test_overhead_per_trial_is_the_pace_at_which_trials_start():
         bench_sweeps.per_trial(results[:2], concurrent=2)
 
 
+def test_sweep_command_lines_are_the_run_commands_own(tmp_path):
+    from sweeps.cli import build_parser
+
+    args = bench.build_parser().parse_args(["--out", "b.json", "--cpus", "4", "--cpus-per-trial", "2",
+                                            "--data", str(tmp_path)])
+    sweep = build_parser().parse_args(bench_sweeps.sweep_argv(args, tmp_path, "s", 8, 2))
+    assert (sweep.cpus_per_trial, sweep.max_concurrent, sweep.trials, sweep.data) == (2, 2, 8, str(tmp_path))
+    rampup = build_parser().parse_args(bench_sweeps.sweep_argv(args, tmp_path, "r", 16, 1, "bench-rampup",
+                                                               cpus_per_trial=1, max_concurrent=False))
+    assert (rampup.cpus_per_trial, rampup.max_concurrent, rampup.experiment) == (1, None, "bench-rampup")
+
+
 def test_phases_begun_on_a_busy_machine_are_named():
     load = {"limit": {"load_average_1min": 3.0, "cpu_pressure_some_avg10": 45.0},
             "sweep": {"load_average_1min": 1.0, "cpu_pressure_some_avg10": 2.0},

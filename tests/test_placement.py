@@ -8,13 +8,40 @@ import pytest
 pytestmark = pytest.mark.slow
 
 
-def test_quarter_gpu_trials_run_four_at_once_on_the_one_gpu(tmp_path, image_folder, cache_dir):
+def run_four_at_once(tmp_path, image_folder, name, trainable, flags=(), resources=None, **node):
+    """Four 1-epoch trials of ``trainable`` through the driver's own Tuner on a Ray node with
+    ``node``'s resources (``resources``, when given, replaces the plan's per-trial request).
+    Checks that none errored and that all four were running at once; returns the plan and
+    each trial's last result."""
     import ray
 
+    from benchmarks.bench_sweeps import trial_results
     from sweeps.cli import build_parser
     from sweeps.plan import prepare
     from sweeps.run import execute
 
+    args = build_parser().parse_args([
+        "--space", "smoke", "--data", str(image_folder), "--weights", "none", "--image-size", "32",
+        "--trials", "4", "--max-epochs", "1", "--name", name, *flags,
+        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results")])
+    plan = prepare(args)
+    if resources:
+        plan = dataclasses.replace(plan, resources=resources)
+    ray.init(include_dashboard=False, log_to_driver=False, **node)
+    try:
+        info = execute(plan, trainable=trainable)
+    finally:
+        ray.shutdown()
+
+    assert info["trials"]["errored"] == 0
+    results = [r[-1] for r in trial_results(plan.sweep_dir) if r]
+    assert len(results) == 4
+    latest_start = max(r["started_at"] for r in results)
+    assert all(r["ended_at"] > latest_start for r in results)  # all four were running at once
+    return plan, results
+
+
+def test_quarter_gpu_trials_run_four_at_once_on_the_one_gpu(tmp_path, image_folder, cache_dir):
     def on_the_gpu(config, data):
         import time
 
@@ -27,38 +54,16 @@ def test_quarter_gpu_trials_run_four_at_once_on_the_one_gpu(tmp_path, image_fold
                      "lr": config["lr"], "started_at": started, "ended_at": time.time(),
                      "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())})
 
-    args = build_parser().parse_args([
-        "--space", "smoke", "--data", str(image_folder), "--weights", "none", "--image-size", "32",
-        "--trials", "4", "--max-epochs", "1", "--max-concurrent", "4", "--name", "packed",
-        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results")])
     # what --gpus-per-trial 0.25 --cpus-per-trial 0.5 asks for (prepare refuses GPUs without CUDA)
-    plan = dataclasses.replace(prepare(args), resources={"cpu": 0.5, "gpu": 0.25})
-    ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    try:
-        info = execute(plan, trainable=on_the_gpu)
-    finally:
-        ray.shutdown()
-
-    assert info["trials"]["errored"] == 0
-    from benchmarks.bench_sweeps import trial_results
-
-    results = [r[-1] for r in trial_results(plan.sweep_dir) if r]
-    assert len(results) == 4
+    _, results = run_four_at_once(tmp_path, image_folder, "packed", on_the_gpu, ["--max-concurrent", "4"],
+                                  resources={"cpu": 0.5, "gpu": 0.25}, num_cpus=2, num_gpus=1)
     assert {r["gpu_ids"] for r in results} == {"0"}  # each trial got a share of the same GPU
-    latest_start = max(r["started_at"] for r in results)
-    assert all(r["ended_at"] > latest_start for r in results)  # all four were running at once
 
 
 def test_without_max_concurrent_every_lane_runs_at_once(tmp_path, image_folder, cache_dir, monkeypatch):
     """A 4-CPU node and 1-CPU trials: TPE's sweep places all four trials before the first
     starts, and runs them at once. (Ray Tune's default with a searcher and no limit keeps
     one trial pending: lanes fill one actor start after another.)"""
-    import ray
-
-    from benchmarks.bench_sweeps import trial_results
-    from sweeps.cli import build_parser
-    from sweeps.plan import prepare
-    from sweeps.run import execute
     from sweeps.tracking import MlflowTrials
 
     placed_at_start = []  # how many trials Tune had created as each one started
@@ -81,23 +86,8 @@ def test_without_max_concurrent_every_lane_runs_at_once(tmp_path, image_folder, 
         tune.report({"epoch": 1, "val_acc": config["lr"], "best_val_acc": config["lr"], "val_loss": 1.0,
                      "train_loss": 1.0, "lr": config["lr"], "started_at": started, "ended_at": time.time()})
 
-    args = build_parser().parse_args([
-        "--space", "smoke", "--data", str(image_folder), "--weights", "none", "--image-size", "32",
-        "--trials", "4", "--max-epochs", "1", "--name", "lanes",
-        "--tracking-uri", f"sqlite:///{tmp_path}/mlflow.db", "--storage", str(tmp_path / "results")])
-    plan = prepare(args)
+    plan, results = run_four_at_once(tmp_path, image_folder, "lanes", sleeper, num_cpus=4)
     assert plan.max_concurrent is None
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
-    try:
-        info = execute(plan, trainable=sleeper)
-    finally:
-        ray.shutdown()
-
-    assert info["trials"]["errored"] == 0
-    results = [r[-1] for r in trial_results(plan.sweep_dir) if r]
-    assert len(results) == 4
-    latest_start = max(r["started_at"] for r in results)
-    assert all(r["ended_at"] > latest_start for r in results)  # all four were running at once
     assert len({r["lr"] for r in results}) == 4  # TPE suggested four distinct points
     assert placed_at_start[0] == 4, placed_at_start  # every lane's trial placed before the first start
 
