@@ -143,14 +143,13 @@ def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: di
     """A name is one sweep. Without --resume, an existing sweep of this name (its MLflow
     parent run, or its folder) stops us; with it, the resumed command must describe the
     same sweep. Returns the trial count a resumed sweep started with."""
-    from mlflow.tracking import MlflowClient
-
+    from sweeps.tracking import client as tracking_client
     from sweeps.tracking import find_parent_run, recorded_inputs
 
     # A sqlite store that does not exist yet holds no earlier sweep: looking must not create it.
     uri = args.tracking_uri
     new_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).expanduser().exists()
-    client = None if new_store else MlflowClient(uri)
+    client = None if new_store else tracking_client(uri)  # an existing store may be new to MLflow still
     exp = client.get_experiment_by_name(experiment) if client else None
     parent = find_parent_run(client, exp.experiment_id, name) if exp else None
     if not args.resume:

@@ -53,7 +53,7 @@ def plan_and_join_ray(args):
     if args.ray_address or os.environ.get("RAY_ADDRESS"):
         plan = prepare(args)
         check_cluster(plan)
-        return plan, None
+        return plan, open_sweep(plan)
     from concurrent.futures import ThreadPoolExecutor
 
     import ray
@@ -95,8 +95,24 @@ def open_sweep(plan):
     """The sweep's folder (``storage.SweepFolder``) and its MLflow parent run (``SweepTracker``)."""
     from sweeps.tracking import SweepTracker
 
-    folder = storage.SweepFolder(plan.sweep_dir)  # for a URI: a local folder, published at the end
+    try:  # the name is claimed here, atomically: a second driver of this sweep stops now
+        folder = storage.SweepFolder(plan.sweep_dir, resume=plan.resume)
+    except storage.SweepTaken as e:
+        raise UsageError(f"--name {plan.name}: {e}. Wait for it, or pass another --name") from None
+    if folder.remote and not plan.resume:  # the scratch lock is per machine: ask MLflow again
+        _check_still_new(plan)
     return folder, SweepTracker(plan, spool_dir=folder.local)
+
+
+def _check_still_new(plan) -> None:
+    from sweeps.tracking import client, find_parent_run
+
+    mlflow = client(plan.tracking_uri)
+    exp = mlflow.get_experiment_by_name(plan.experiment)
+    parent = find_parent_run(mlflow, exp.experiment_id, plan.name) if exp else None
+    if parent is not None:
+        raise UsageError(f"--name {plan.name}: a sweep of this name started meanwhile (MLflow parent run "
+                         f"{parent.info.run_id}). Add --resume to continue it, or pass another --name")
 
 
 def check_cluster(plan) -> None:
@@ -146,28 +162,31 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
         summary.export_best(best[2], best_dir)
     # what --resume and the best trials still need stays; the rest of the checkpoints go
     checkpoints = retention.retain(results, tracker.outcomes, plan.keep_checkpoints, trial_id_of)
-    counts = summary.count_trials(results, tracker.outcomes)
+    counts = summary.count_trials(results, tracker.outcomes, interrupted=ctrl_c.caught is not None)
+    stopped_by = (f"interrupted by {ctrl_c.caught.name}; to continue, {resume_hint(plan)}"
+                  if ctrl_c.caught is not None else None)
     pending = tracker.finish(best_dir if best else None,
                              {"best_val_acc": best[1]["val_acc"] if best else 0.0, **counts,
                               "wall_s": time.time() - started,
                               "total_trial_epochs": summary.total_epochs(results)},
-                             failed=best is None or ctrl_c.caught is not None)
+                             failed=best is None, interrupted=stopped_by)
     info = summary.build_summary(plan, tracker, results, time.time() - started, best, best_dir, pending)
-    info["checkpoints"] = checkpoints
+    info["trials"], info["checkpoints"] = counts, checkpoints
     if ctrl_c.caught is not None:
         info["interrupted"] = {"signal": ctrl_c.caught.name, "resume": resume_hint(plan)}
     if folder.remote and info["best"]:
         info["best"]["checkpoint"] = folder.location("best", "model.pt")
     summary.write_summary(info, sweep_dir)
-    folder.publish()
+    folder.publish(pending=bool(pending))
     _print_end(info, tracker, pending)
     return info
 
 
 def _print_end(info: dict, tracker, pending: list) -> None:
     t = info["trials"]
+    cut = f", {t['interrupted']} interrupted" if t.get("interrupted") else ""
     print(f"\nTrials: {t['completed']} completed, {t['stopped_early']} stopped early, "
-          f"{t['time_budget']} cut by the time budget, {t['errored']} errored in {info['wall_s']:.0f} s")
+          f"{t['time_budget']} cut by the time budget, {t['errored']} errored{cut} in {info['wall_s']:.0f} s")
     best = info["best"]
     if best:
         searched = ", ".join(f"{k}={fmt(best['config'][k])}" for k in tracker.plan.space.search)
@@ -185,7 +204,7 @@ def _print_end(info: dict, tracker, pending: list) -> None:
               f"({tracker.write.last_error}); kept in {tracker.write.spool}")
     if info.get("interrupted"):
         how = "Ctrl-C" if info["interrupted"]["signal"] == "SIGINT" else info["interrupted"]["signal"]
-        print(f"INTERRUPTED ({how}): the sweep did not finish; its MLflow run is marked FAILED. "
+        print(f"INTERRUPTED ({how}): the sweep did not finish; its MLflow run is marked KILLED. "
               f"To continue it, {info['interrupted']['resume']}", file=sys.stderr)
 
 

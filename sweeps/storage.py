@@ -12,13 +12,18 @@ starts, whether it sees the same storage folder and inputs as the driver.
 
 from __future__ import annotations
 
+import fcntl
 import os
-import tempfile
+import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pyarrow.fs as pafs
+
+
+class SweepTaken(Exception):
+    """The sweep's folder belongs to another sweep, or another driver holds it now."""
 
 
 class NotShared(Exception):
@@ -82,22 +87,50 @@ class SweepFolder:
     and :meth:`publish` copies it to the URI at the end of the sweep.
     """
 
-    def __init__(self, sweep_dir: str):
+    def __init__(self, sweep_dir: str, resume: bool = False):
+        """Claim the sweep's folder: a new sweep creates it (an existing one is another
+        sweep of that name, ``SweepTaken``), a resumed one reuses it; either way this
+        process holds an exclusive lock on it until it exits, so two drivers never run
+        one sweep at once, even when started at the same moment."""
         self.uri = sweep_dir
         self.remote = is_uri(sweep_dir)
-        if self.remote:
-            self.local = Path(tempfile.mkdtemp(prefix="ftsweep-"))
+        if self.remote:  # the driver's scratch copy, in the user's own cache, not a shared temp folder
+            import hashlib
+
+            key = hashlib.sha256(sweep_dir.encode()).hexdigest()[:16]
+            self.local = scratch_root() / key
+            self.local.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         else:
             self.local = Path(sweep_dir)
-            self.local.mkdir(parents=True, exist_ok=True)
+            self.local.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.local.mkdir(mode=0o700 if self.remote else 0o777, exist_ok=resume or self.remote)
+        except FileExistsError:
+            raise SweepTaken(f"{self.local} exists already: it holds another sweep of this name") from None
+        self._lock = os.open(self.local, os.O_RDONLY)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._lock)
+            raise SweepTaken(f"another process is running this sweep now (it holds {self.local})") from None
 
     def location(self, *parts: str) -> str:
         """Where a file of the sweep folder can be found once published."""
         return join(self.uri, *parts) if self.remote else str(self.local.joinpath(*parts))
 
-    def publish(self) -> None:
+    def publish(self, pending: bool = False) -> None:
+        """Copy a remote sweep's files to its URI; the scratch copy goes too, unless it
+        holds MLflow writes still ``pending`` (``--resume`` sends them)."""
         if self.remote:
             upload_dir(self.local, self.uri)
+            if not pending:
+                shutil.rmtree(self.local, ignore_errors=True)
+
+
+def scratch_root() -> Path:
+    """Where the driver keeps a remote sweep's files until they are published: the user's
+    ftsweep cache (``FTSWEEP_CACHE``), readable by its owner only."""
+    return Path(os.environ.get("FTSWEEP_CACHE", Path.home() / ".cache" / "ftsweep")) / "sweeps"
 
 
 def trial_inputs(plan) -> dict[str, str]:

@@ -15,14 +15,17 @@ from sweeps.tracking import OUTCOMES, outcome_of, redact, trial_budget, trial_id
 METRIC, MODE = "val_acc", "max"
 
 
-def count_trials(results, outcomes: dict[str, str] | None = None) -> dict:
+def count_trials(results, outcomes: dict[str, str] | None = None, interrupted: bool = False) -> dict:
     """Trials by outcome: as the tracker tagged them in MLflow (``outcomes``, by trial id),
-    else judged from the trial's last result against its own budget."""
-    counts = dict.fromkeys(OUTCOMES, 0)
+    else judged from the trial's last result against its own budget. In a sweep a signal
+    stopped (``interrupted``), a trial that had not ended was cut by the signal, not by
+    ASHA: it counts as ``interrupted`` (``--resume`` continues it)."""
+    counts = {**dict.fromkeys(OUTCOMES, 0), "interrupted": 0}
     for r in results:
         outcome = (outcomes or {}).get(trial_id_of(r))
         if outcome not in counts:  # not ended through the tracker (or tagged abandoned)
-            outcome = outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config))
+            outcome = ("interrupted" if interrupted and r.error is None
+                       else outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config)))
         counts[outcome] += 1
     return counts
 

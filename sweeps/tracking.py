@@ -8,6 +8,8 @@ still not be sent at the end is kept on disk and reported.
 
 from __future__ import annotations
 
+import base64
+import fcntl
 import json
 import os
 import subprocess
@@ -43,31 +45,69 @@ SHORT = {"lr": "lr", "decay_power": "γ", "frozen_depth": "frozen", "weight_deca
 
 
 def redact(uri: str) -> str:
-    """The URI without a password, fit to print or log."""
+    """The URI without its credentials, fit to print or log. The user name goes too: a
+    token is often given as the user name (``https://TOKEN@host``)."""
     parts = urllib.parse.urlsplit(uri)
-    if parts.password is None:
+    if parts.username is None and parts.password is None:
         return uri
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    netloc = "***@" + parts.netloc.rpartition("@")[2]
     return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
 
 
 def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, naming the URI, when the tracking server cannot be reached."""
+    """Fail in seconds, naming the URI, when the tracking server cannot be reached.
+
+    Credentials in the URI (``http://user:password@host``) go to the server as HTTP basic
+    authentication, as MLflow's own client sends them; a server that refuses them is
+    reachable, and the message says the credentials were refused."""
     from sweeps.plan import UsageError
 
-    scheme = urllib.parse.urlsplit(uri).scheme
-    if scheme in ("http", "https"):
+    parts = urllib.parse.urlsplit(uri)
+    if parts.scheme in ("http", "https"):
+        bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
+        request = urllib.request.Request(bare.rstrip("/") + "/health")
+        if parts.username is not None or parts.password is not None:
+            user = urllib.parse.unquote(parts.username or "")
+            secret = urllib.parse.unquote(parts.password or "")
+            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode())
         try:
-            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout) as r:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
                 r.read()
-        except (urllib.error.URLError, OSError) as e:
+        except urllib.error.HTTPError as e:
+            if e.code in (401, 403):
+                raise UsageError(f"MLflow tracking server {redact(uri)} refused the credentials "
+                                 f"(HTTP {e.code}); check the user name and password in --tracking-uri") from None
+            raise UsageError(f"MLflow tracking server {redact(uri)} answered HTTP {e.code} at /health; "
+                             "is it an MLflow server?") from None
+        except (urllib.error.URLError, OSError, ValueError) as e:
             reason = getattr(e, "reason", e)
             raise UsageError(f"MLflow tracking server {redact(uri)} is unreachable ({reason}); "
                              "start it or pass another --tracking-uri") from None
-    elif scheme == "sqlite":
+    elif parts.scheme == "sqlite":
         folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
         if not folder.is_dir():
             raise UsageError(f"--tracking-uri {uri}: folder {folder} does not exist")
+
+
+def client(uri: str) -> MlflowClient:
+    """An MlflowClient whose store is ready.
+
+    MLflow creates a new sqlite store's tables (and migrates an old one) when it first
+    opens it; two processes doing that at once on the same file crash one of them. The
+    first opening therefore holds an exclusive lock on the database file (``flock``, which
+    does not touch sqlite's own locks), so two sweeps started at the same moment on a new
+    store wait for each other instead."""
+    c = MlflowClient(uri)
+    if not uri.startswith("sqlite:///"):
+        return c
+    path = Path(uri.removeprefix("sqlite:///")).expanduser()
+    with open(path, "ab") as f:  # an empty file is an empty sqlite database
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            c.search_experiments(max_results=1)  # creates or migrates the schema now
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+    return c
 
 
 def sweep_inputs(space, fingerprint: str, split_seed: int, val_fraction: float) -> dict[str, str]:
@@ -121,7 +161,7 @@ class SweepTracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.plan = plan
-        self.client = MlflowClient(plan.tracking_uri)
+        self.client = client(plan.tracking_uri)
         exp = self.client.get_experiment_by_name(plan.experiment)
         # The kind tag opens the experiment in the UI's training-runs view, not the GenAI one.
         self.experiment_id = exp.experiment_id if exp else self.client.create_experiment(
@@ -276,13 +316,19 @@ class SweepTracker:
         return self.write.run_ids.get(trial_id)
 
     # --- the sweep -------------------------------------------------------------------
-    def finish(self, best_dir: Path | None, metrics: dict, failed: bool) -> list:
+    def finish(self, best_dir: Path | None, metrics: dict, failed: bool, interrupted: str | None = None) -> list:
+        """Log the best model and the sweep's totals and end its parent run: FINISHED,
+        FAILED (no trial produced a result), or KILLED when a signal (``interrupted``, how
+        to go on) stopped the sweep, with that said in its ``stop_reason`` tag."""
         if best_dir is not None:
             self.write("artifacts", "parent", local_dir=str(best_dir), artifact_path="best")
         now = now_ms()
         self.write("batch", "parent", metrics=[dict(key=k, value=float(v), timestamp=now, step=0)
                                                for k, v in metrics.items()])
-        self.write("end", "parent", status="FAILED" if failed else "FINISHED", end_time=now_ms())
+        if interrupted:
+            self.write("batch", "parent", metrics=[], tags={TAG_STOP_REASON: interrupted})
+        status = "KILLED" if interrupted else "FAILED" if failed else "FINISHED"
+        self.write("end", "parent", status=status, end_time=now_ms())
         return self.write.close()
 
 

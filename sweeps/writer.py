@@ -19,7 +19,6 @@ import queue
 import re
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -195,20 +194,25 @@ class WriterProcess:
         self.queue: list = []
         self.last_error: Exception | str | None = None
         self.wait_s, self.done_at = 0.0, 0.0
-        self._result = Path(tempfile.mkstemp(prefix="ftsweep-writer-", suffix=".json")[1])
+        # The tracking URI (it may hold credentials) goes on the pipe, never on the command
+        # line, where other users of the machine could read it; the child's answer comes
+        # back on a pipe of its own, so no file is left in a shared folder if we die.
+        self._answer, answer_w = os.pipe()
         self._proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), tracking_uri, str(spool or ""), str(self._result)],
+            [sys.executable, str(Path(__file__).resolve()), str(answer_w)],
             # A group of its own: Ctrl-C, or a kill of the driver's group, does not reach it.
             # It stops when its input ends, as the driver closes it or dies, and first sends
             # or spools every write it holds.
-            stdin=subprocess.PIPE, process_group=0)
+            stdin=subprocess.PIPE, process_group=0, pass_fds=(answer_w,))
+        os.close(answer_w)
         self._fd = self._proc.stdin.fileno()
         os.set_blocking(self._fd, False)
         with contextlib.suppress(OSError):  # Linux: room for a few thousand writes
             fcntl.fcntl(self._fd, F_SETPIPE_SZ, PIPE_BYTES)
         self._unsent = bytearray()  # written by us, not yet taken by the pipe
         self._child_gone = False
-        self._put({"run_ids": run_ids, "queue": [list(q) for q in queued or ()]})
+        self._put({"tracking_uri": tracking_uri, "spool": str(spool or ""), "run_ids": run_ids,
+                   "queue": [list(q) for q in queued or ()]})
 
     def __call__(self, op: str, key: str, **kw) -> None:
         self._put({"op": op, "key": key, "kw": kw})
@@ -234,17 +238,18 @@ class WriterProcess:
         self._push()
         with contextlib.suppress(OSError):
             self._proc.stdin.close()
+        answer = _read_until_closed(self._answer, started + timeout)
+        os.close(self._answer)
         try:
-            code = self._proc.wait(timeout=timeout)
+            code = self._proc.wait(timeout=max(1.0, started + timeout - time.monotonic()))
         except subprocess.TimeoutExpired:
             self._proc.kill()
             code = self._proc.wait()
         self.wait_s, self.done_at = time.monotonic() - started, time.time()
         try:
-            result = json.loads(self._result.read_text())
-        except (OSError, ValueError):
+            result = json.loads(answer)
+        except ValueError:
             result = None
-        self._result.unlink(missing_ok=True)
         if result is None:  # the child died: what it spooled stays, what it never got joins it
             self.last_error = f"the MLflow writer process exited with code {code}"
             self.queue, spooled_ids = read_spool(self.spool)
@@ -262,9 +267,26 @@ class WriterProcess:
         return self.queue
 
 
-def serve(tracking_uri: str, spool: str, result: str) -> int:
-    """The child: read writes from stdin, send them, and at end of input send the rest
-    and write ``{"run_ids", "queue", "last_error"}`` to ``result``."""
+def _read_until_closed(fd: int, deadline: float) -> bytes:
+    """Everything written to the pipe ``fd`` until its writer closes it, or until ``deadline``."""
+    import select
+
+    chunks = []
+    while (left := deadline - time.monotonic()) > 0:
+        ready, _, _ = select.select([fd], [], [], left)
+        if not ready:
+            break
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            break
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def serve(answer_fd: str) -> int:
+    """The child: read the tracking URI, the spool and what is queued from the first line of
+    stdin, then writes, one per line; send them, and at end of input send the rest and write
+    ``{"run_ids", "queue", "last_error"}`` to the pipe ``answer_fd``."""
     from mlflow.tracking import MlflowClient
 
     os.nice(WRITER_NICENESS)
@@ -276,16 +298,18 @@ def serve(tracking_uri: str, spool: str, result: str) -> int:
         lines.put(None)
 
     threading.Thread(target=read, name="mlflow-writer-read", daemon=True).start()
-    writer = Writer(MlflowClient(tracking_uri), Path(spool) if spool else None)
     state = json.loads(lines.get() or "{}")
+    writer = Writer(MlflowClient(state["tracking_uri"]), Path(state["spool"]) if state["spool"] else None)
     writer.run_ids.update(state.get("run_ids", {}))
     writer.queue.extend(tuple(q) for q in state.get("queue", ()))
     try:
         pump(lines, writer)
     finally:  # whatever stopped us, every write we hold is sent or spooled
         writer.flush()
-        Path(result).write_text(json.dumps({"run_ids": writer.run_ids, "queue": [list(q) for q in writer.queue],
-                                            "last_error": str(writer.last_error) if writer.last_error else None}))
+        answer = json.dumps({"run_ids": writer.run_ids, "queue": [list(q) for q in writer.queue],
+                             "last_error": str(writer.last_error) if writer.last_error else None})
+        with contextlib.suppress(OSError), open(int(answer_fd), "w") as out:  # gone: the driver died
+            out.write(answer)
     return 0
 
 
@@ -320,4 +344,4 @@ def pump(lines: queue.SimpleQueue, writer: Writer, quiet_s: float = QUIET_S,
 
 
 if __name__ == "__main__":
-    sys.exit(serve(*sys.argv[1:4]))
+    sys.exit(serve(sys.argv[1]))

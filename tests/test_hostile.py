@@ -294,8 +294,9 @@ def test_storage_without_permission_is_refused(in_tmp, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize(("signame", "code", "said"), [("SIGINT", 130, "Ctrl-C"), ("SIGTERM", 143, "SIGTERM")])
 def test_ctrl_c_or_sigterm_during_a_sweep_is_not_a_success(tmp_path, cache_dir, signame, code, said):
-    """SIGINT (Ctrl-C) or SIGTERM mid-sweep: exit 128 + the signal, the parent run FAILED (not
-    FINISHED), the summary and the last words say it was interrupted and how to go on."""
+    """SIGINT (Ctrl-C) or SIGTERM mid-sweep: exit 128 + the signal, the parent run KILLED (not
+    FINISHED) with how to go on in its stop_reason, the running trials counted as interrupted
+    (not stopped early), the summary and the last words say it was interrupted and how to go on."""
     import contextlib
     import json
     import signal
@@ -331,9 +332,13 @@ def test_ctrl_c_or_sigterm_during_a_sweep_is_not_a_success(tmp_path, cache_dir, 
     assert summary["interrupted"]["signal"] == signame and "--resume" in summary["interrupted"]["resume"]
     import sqlite3  # read the store directly: one test process's MLflow clients cache stores
 
+    assert summary["trials"]["interrupted"] >= 1 and summary["trials"]["stopped_early"] == 0
     with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
         status = db.execute("select status from runs where run_uuid = ?", (summary["parent_run_id"],)).fetchall()
-    assert status == [("FAILED",)]
+        reason = db.execute("select value from tags where run_uuid = ? and key = 'stop_reason'",
+                            (summary["parent_run_id"],)).fetchall()
+    assert status == [("KILLED",)]
+    assert reason == [(f"interrupted by {signame}; to continue, run the same command with --resume --name cut",)]
 
 
 # --- sizes and folder shapes ------------------------------------------------------------

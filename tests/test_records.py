@@ -58,7 +58,7 @@ def test_the_time_budget_cut_is_its_own_outcome_and_asha_stays_asha(monkeypatch)
     results = [SimpleNamespace(metrics={**t.last_result, "trial_id": t.trial_id}, error=None,
                                config=t.config, path=f"/x/trial_{t.trial_id}") for t in trials]
     assert summary.count_trials(results, tracker.outcomes) == {
-        "completed": 1, "stopped_early": 2, "time_budget": 1, "errored": 0}
+        "completed": 1, "stopped_early": 2, "time_budget": 1, "errored": 0, "interrupted": 0}
     live = counts(trials, max_epochs=5)
     assert (live["time_budget"], live["stopped_early"], live["completed"]) == (1, 2, 1)
 
@@ -70,6 +70,15 @@ def test_without_records_the_summary_judges_each_trial_by_its_own_budget():
                                config={"max_epochs": 4}, path="/x/trial_b")]
     counted = summary.count_trials(results)
     assert (counted["completed"], counted["stopped_early"]) == (1, 1)
+
+
+def test_a_signal_cuts_the_trials_that_had_not_ended_it_does_not_stop_them_early():
+    """In an interrupted sweep a trial short of its budget that the tracker never ended was
+    cut by the signal (``--resume`` continues it), not by ASHA; ended trials keep their outcome."""
+    results = [SimpleNamespace(metrics={"epoch": 2, "trial_id": t}, error=None, config={"max_epochs": 4},
+                               path=f"/x/trial_{t}") for t in ("cut", "asha")]
+    counted = summary.count_trials(results, {"asha": "stopped_early"}, interrupted=True)
+    assert (counted["interrupted"], counted["stopped_early"]) == (1, 1)
 
 
 def test_asha_names_the_trials_it_stopped(monkeypatch):

@@ -206,7 +206,8 @@ def test_unreachable_server_fails_fast_naming_the_uri():
 
 
 def test_secrets_never_reach_a_log():
-    assert redact("http://alice:s3cret@host:5000/x") == "http://alice:***@host:5000/x"
+    assert redact("http://alice:s3cret@host:5000/x") == "http://***@host:5000/x"
+    assert redact("https://dapi0123456789abcdef@host/x") == "https://***@host/x"  # a token as the user name
     assert redact("sqlite:///mlflow.db") == "sqlite:///mlflow.db"
 
 
