@@ -366,3 +366,159 @@ def test_a_file_named_as_the_data_folder_is_refused_naming_it(tmp_path):
     (tmp_path / "images").write_text("x")
     with pytest.raises(DataError, match=f"data folder not found: {tmp_path / 'images'}"):
         scan(tmp_path / "images")
+
+
+# --- weights, credentials, two sweeps at once -------------------------------------------
+
+def test_a_folder_as_weights_is_refused_as_a_folder(in_tmp, capsys):
+    data = write_image_folder(in_tmp / "images")
+    (in_tmp / "weights").mkdir()
+    refused(["--space", "smoke", "--data", str(data), "--image-size", "16", "--weights", str(in_tmp / "weights")],
+            capsys, str(in_tmp / "weights"), "is a folder; --weights takes a state_dict file")
+
+
+@pytest.fixture
+def basic_auth_server():
+    """A loopback server that answers MLflow's /health and get-experiment-by-name only to
+    the user ``alice`` with password ``s3cret`` (HTTP basic authentication); it records
+    the Authorization header of every request."""
+    import base64
+    import http.server
+    import json
+    import threading
+
+    seen: list[str | None] = []
+    good = "Basic " + base64.b64encode(b"alice:s3cret").decode()
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802
+            seen.append(self.headers.get("Authorization"))
+            if self.headers.get("Authorization") != good:
+                self.send_response(401)
+                self.end_headers()
+                return
+            body = b"OK" if self.path == "/health" else json.dumps(
+                {"error_code": "RESOURCE_DOES_NOT_EXIST", "message": "no such experiment"}).encode()
+            self.send_response(200 if self.path == "/health" else 404)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server.server_address[1], seen, good
+    server.shutdown()
+
+
+def test_credentials_in_the_tracking_uri_are_sent_not_taken_for_an_unreachable_server(basic_auth_server):
+    from mlflow.tracking import MlflowClient
+
+    from sweeps.tracking import check_tracking_uri
+
+    port, seen, good = basic_auth_server
+    check_tracking_uri(f"http://alice:s3cret@127.0.0.1:{port}", timeout=5)  # reachable: no error
+    assert seen[-1] == good
+    with pytest.raises(UsageError, match=r"http://\*\*\*@127\.0\.0\.1:\d+ refused the credentials \(HTTP 401\)"):
+        check_tracking_uri(f"http://alice:wrong@127.0.0.1:{port}", timeout=5)
+    # MLflow's own client sends them the same way
+    assert MlflowClient(f"http://alice:s3cret@127.0.0.1:{port}").get_experiment_by_name("x") is None
+    assert seen[-1] == good
+
+
+def test_a_token_given_as_the_user_name_is_never_printed(in_tmp, capsys, basic_auth_server):
+    port, _, _ = basic_auth_server
+    token = "dapi5f3c0ffee5f3c0ffee5f3c0ffee"
+    out = refused(["--space", "smoke", "--tracking-uri", f"http://{token}@127.0.0.1:{port}"], capsys,
+                  f"http://***@127.0.0.1:{port}", "refused the credentials")
+    assert token not in out
+
+
+def test_the_mlflow_writer_never_sees_the_uri_on_its_command_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    import tempfile
+
+    from sweeps.writer import WriterProcess
+
+    shared_tmp = tmp_path / "tmp"
+    shared_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared_tmp))
+    uri = f"sqlite:///{tmp_path}/secret-place.db"
+    write = WriterProcess(uri, tmp_path / "pending.jsonl", {})
+    try:
+        cmdline = Path(f"/proc/{write._proc.pid}/cmdline").read_bytes().decode()
+        assert "secret-place" not in cmdline
+    finally:
+        assert write.close() == []
+    assert list(shared_tmp.iterdir()) == []
+
+
+def test_a_remote_sweep_keeps_its_scratch_files_in_the_users_cache_not_in_a_shared_temp_folder(tmp_path, monkeypatch):
+    from sweeps import storage
+
+    monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path / "cache"))
+    folder = storage.SweepFolder(f"file://{tmp_path}/bucket/s1")
+    assert folder.local.is_relative_to(tmp_path / "cache")
+    assert folder.local.stat().st_mode & 0o077 == 0  # the owner's alone
+    (folder.local / "sweep_summary.json").write_text("{}")
+    (tmp_path / "bucket" / "s1").mkdir(parents=True)  # as Ray Tune makes it
+    folder.publish()
+    assert (tmp_path / "bucket" / "s1" / "sweep_summary.json").exists() and not folder.local.exists()
+
+
+def test_one_sweep_name_is_claimed_by_one_driver(tmp_path):
+    from sweeps import storage
+
+    first = storage.SweepFolder(str(tmp_path / "results" / "s"))
+    with pytest.raises(storage.SweepTaken, match="exists already"):
+        storage.SweepFolder(str(tmp_path / "results" / "s"))  # a new sweep of a taken name
+    with pytest.raises(storage.SweepTaken, match="another process is running this sweep now"):
+        storage.SweepFolder(str(tmp_path / "results" / "s"), resume=True)  # --resume while it runs
+    os.close(first._lock)  # the first driver ends
+    storage.SweepFolder(str(tmp_path / "results" / "s"), resume=True)
+
+
+def _open_store_at_once(uri: str, n: int) -> list[int]:
+    import subprocess
+    import sys
+
+    code = "import sys; from sweeps.tracking import client; client(sys.argv[1]).get_experiment_by_name('x')"
+    procs = [subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE) for _ in range(n)]
+    return [p.wait(120) for p in procs]
+
+
+@pytest.mark.slow
+def test_two_sweeps_opening_a_new_sqlite_store_at_the_same_moment_both_work(tmp_path):
+    """MLflow creates a new sqlite store's schema on first use; two processes doing it at
+    once crash one of them (alembic's "expected to match one row") without the lock."""
+    for i in range(3):
+        assert _open_store_at_once(f"sqlite:///{tmp_path}/m{i}.db", 2) == [0, 0]
+
+
+@pytest.mark.slow
+def test_two_sweeps_of_one_name_started_together_run_once(tmp_path, cache_dir):
+    """Both pass the name check before either has a run; the folder claim lets one run and
+    stops the other with exit 2 before it logs anything."""
+    import subprocess
+
+    from conftest import RUN
+
+    data = write_image_folder(tmp_path / "images")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    argv = [*RUN, "--space", "smoke", "--trials", "1", "--max-epochs", "1", "--image-size", "16",
+            "--weights", "none", "--data", str(data), "--name", "twin", "--tracking-uri", uri,
+            "--storage", str(tmp_path / "results")]
+    procs = [subprocess.Popen(argv, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    refused_out = outs[[p.returncode for p in procs].index(2)]
+    assert "--name twin" in refused_out and "Traceback" not in refused_out
+    import contextlib
+    import sqlite3
+
+    with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
+        parents = db.execute("select count(*) from tags where key = 'ftsweep.role' and value = 'parent'").fetchone()
+    assert parents == (1,)

@@ -126,6 +126,9 @@ def _socket_timeout(seconds: float | None):
 
 def _load_state_dict_file(model: nn.Module, path: Path, head_name: str) -> None:
     """Load every non-head tensor of the state_dict at ``path``; the head is replaced anyway."""
+    if path.is_dir():
+        raise ModelError(f"weights file {str(path)!r} is a folder; --weights takes a state_dict file "
+                         "(torch.save(model.state_dict(), PATH)), 'imagenet' or 'none'")
     if not path.is_file():
         raise ModelError(
             f"weights file {str(path)!r} does not exist (or use 'imagenet' / 'none')"
