@@ -97,14 +97,14 @@ def client(uri: str) -> MlflowClient:
     first opening therefore holds an exclusive lock on the database file (``flock``, which
     does not touch sqlite's own locks), so two sweeps started at the same moment on a new
     store wait for each other instead."""
-    c = MlflowClient(uri)
     if not uri.startswith("sqlite:///"):
-        return c
+        return MlflowClient(uri)
     path = Path(uri.removeprefix("sqlite:///")).expanduser()
     with open(path, "ab") as f:  # an empty file is an empty sqlite database
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            c.search_experiments(max_results=1)  # creates or migrates the schema now
+            c = MlflowClient(uri)
+            c.search_experiments(max_results=1)  # the schema is created or migrated by now
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
     return c
