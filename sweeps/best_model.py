@@ -1,33 +1,34 @@
-"""The best model of a finished sweep, as its parent MLflow run keeps it under ``best/``.
+"""The best model of a sweep: logged at the sweep's end as an MLflow Model, loaded back for
+``sweeps/predict.py`` and ``sweeps/export.py``.
 
-Shared by ``sweeps/export.py`` and ``sweeps/predict.py``: find the sweep's parent run
-(by run id or sweep name), download ``best/model.pt`` and ``best/meta.json``, rebuild
-the torchvision model from the registry, and preprocess images with the very code the
-sweep evaluated with (``decode_for``, then ``Batches``' centre crop and normalisation), so
-a prediction here is the prediction the sweep scored.
+The sweep's parent run keeps it twice: ``best/model.pt`` (a plain torchvision state_dict)
+with ``best/meta.json``, and the same weights as the MLflow Model ``model/`` (the pyfunc of
+``sweeps/mlflow_model.py``, which preprocesses images as the sweep validated them). Readers
+load the MLflow Model: by the sweep's parent run id or name (``runs:/<run>/model``), or by a
+registry URI (``models:/NAME@champion``, ``models:/NAME/3``).
 """
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import tempfile
 import urllib.parse
+import warnings
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch import nn
 
 from sweeps.plan import UsageError
 from sweeps.tracking import TAG_ROLE, TAG_SWEEP, check_tracking_uri, redact
-from trainables.data import Batches, decode_for, decode_size
+from trainables.data import decode_for, decode_size
 
 BEST_DIR = "best"
-BEST_FILES = ("model.pt", "meta.json")
+MODEL_DIR = "model"  # sweeps.mlflow_model.ARTIFACT_PATH, without importing MLflow's pyfunc here
 
 
 @dataclass(frozen=True)
@@ -36,6 +37,7 @@ class BestModel:
     sweep: str
     meta: dict  # best/meta.json: model, classes, image_size, mean, std, config, val_acc, epoch
     model: nn.Module  # in eval mode, on the CPU
+    uri: str = ""  # the MLflow Model it was loaded from: runs:/<run>/model or models:/...
 
     @property
     def classes(self) -> list[str]:
@@ -51,42 +53,91 @@ class BestModel:
         return int(self.meta["config"]["batch_size"]) * 2
 
     def describe(self) -> str:
-        return (f"{self.meta['model']} from sweep {self.sweep} (MLflow run {self.run_id}, "
+        return (f"{self.meta['model']} from sweep {self.sweep} ({self.uri}, "
                 f"val_acc {self.meta['val_acc']:.4f} at epoch {self.meta.get('epoch', '?')})")
 
-    def batches(self, images: np.ndarray, batch_size: int) -> Batches:
-        """Normalised float batches of the centre ``image_size`` crop of decoded ``(N, D, D, 3)``
-        uint8 images, made by the same class as the sweep's val batches (labels: unused zeros)."""
-        return Batches(images, np.zeros(len(images), np.int64), batch_size, mean=self.meta["mean"],
-                       std=self.meta["std"], shuffle=False, crop=self.image_size)
+
+def log_model(tracker, best_dir: Path, out: Path) -> bool:
+    """Save the MLflow Model of the checkpoint in ``best_dir`` to ``out`` and queue its upload to
+    the sweep's parent run as ``model/``. A model that cannot be saved is reported, not fatal:
+    ``best/`` is logged either way. Returns whether it was queued."""
+    from sweeps import mlflow_model
+
+    try:
+        # MLflow suggests type hints and models-from-code; the pyfunc declares its signature.
+        with warnings.catch_warnings(), _quiet("mlflow.pyfunc", "mlflow.models"):
+            warnings.simplefilter("ignore", UserWarning)
+            mlflow_model.save(best_dir, out)
+    except Exception as e:  # any failure of MLflow or the model: the checkpoint stays what counts
+        print(f"WARNING: the best model could not be saved as an MLflow Model ({type(e).__name__}: {e}); "
+              f"{BEST_DIR}/ is logged without it")
+        return False
+    tracker.write("artifacts", "parent", local_dir=str(out), artifact_path=mlflow_model.ARTIFACT_PATH)
+    return True
+
+
+class _quiet:
+    """Raise the given loggers to ERROR for a while: saving logs notes meant for MLflow's own
+    users (INFO lines, a warning that cloudpickle runs code when loading, which any pickled
+    PythonModel does)."""
+
+    def __init__(self, *names: str):
+        self.loggers = [logging.getLogger(n) for n in names]
+
+    def __enter__(self):
+        self.levels = [lg.level for lg in self.loggers]
+        for lg in self.loggers:
+            lg.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc):
+        for lg, level in zip(self.loggers, self.levels, strict=True):
+            lg.setLevel(level)
 
 
 def load_best(tracking_uri: str, run: str) -> BestModel:
-    """The best model of the sweep whose parent run id or sweep name is ``run``.
+    """The best model of the sweep whose parent run id or sweep name is ``run``, or of the
+    registered model version ``run`` names (``models:/NAME@ALIAS``, ``models:/NAME/VERSION``),
+    loaded through MLflow.
 
-    Raises UsageError, naming what is wrong, for an unreachable tracking store, an
-    unknown run or sweep, a trial's run, or a run without ``best/`` artifacts.
+    Raises UsageError, naming what is wrong, for an unreachable tracking store, an unknown
+    run, sweep or model version, a trial's run, or a run without the MLflow Model.
     """
     import mlflow.artifacts
+    from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
-    from torchvision.models import get_model
+
+    from sweeps import mlflow_model
 
     check_store(tracking_uri)
     # Fail in seconds when the server goes away mid-way, not after MLflow's minutes of back-off.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    client = MlflowClient(tracking_uri)
-    found = find_parent_run(client, tracking_uri, run)
-    run_id = found.info.run_id
+    client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
+    if run.startswith("models:/"):
+        from sweeps.registry import model_version
+
+        version = model_version(client, tracking_uri, run)
+        run_id, uri = version.run_id, run
+        sweep = version.tags.get("sweep") or run
+        # Where the version's files are, resolved by this client: MLflow's models:/ download
+        # would ask the default registry (./mlflow.db), not --tracking-uri's.
+        source = client.get_model_version_download_uri(version.name, version.version)
+    else:
+        found = find_parent_run(client, tracking_uri, run)
+        run_id, uri = found.info.run_id, f"runs:/{found.info.run_id}/{MODEL_DIR}"
+        source = uri
+        sweep = found.data.tags.get(TAG_SWEEP, run_id)
     with tempfile.TemporaryDirectory(prefix="ftsweep-best-") as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(
-            run_id=run_id, artifact_path=BEST_DIR, dst_path=tmp, tracking_uri=tracking_uri))
-        meta = json.loads((local / "meta.json").read_text())
-        state = torch.load(local / "model.pt", map_location="cpu", weights_only=True)
-    model = get_model(meta["model"], num_classes=len(meta["classes"]))
-    model.load_state_dict(state)
-    return BestModel(run_id, found.data.tags.get(TAG_SWEEP, run_id), meta, model.eval())
+        try:
+            local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri,
+                                                        registry_uri=tracking_uri)
+            classifier = mlflow_model.load(local)
+        except MlflowException as e:
+            raise UsageError(f"{uri}: cannot load it as an MLflow Model ({e.message})") from None
+    if not isinstance(classifier, mlflow_model.ImageClassifier):
+        raise UsageError(f"{uri} is not a sweep's model (its pyfunc is a {type(classifier).__name__})")
+    return BestModel(run_id, sweep, classifier.meta, classifier.model, uri)
 
 
 def check_store(uri: str) -> None:
@@ -122,12 +173,11 @@ def find_parent_run(client, tracking_uri: str, run: str):
         parent = tags.get("mlflow.parentRunId", "?")
         raise UsageError(f"run {info.run_id} is a trial of sweep {tags.get(TAG_SWEEP, '?')}; "
                          f"pass the sweep's run {parent} (or --run {tags.get(TAG_SWEEP, parent)})")
-    present = {Path(f.path).name for f in client.list_artifacts(info.run_id, BEST_DIR)}
-    missing = [f for f in BEST_FILES if f not in present]
-    if missing:
-        raise UsageError(f"run {info.run_id} (status {info.status}) has no {BEST_DIR}/"
-                         f"{' or '.join(missing)} artifact: it is not a sweep's run, the sweep "
-                         "has not finished, or none of its trials produced a result")
+    present = {Path(f.path).name for f in client.list_artifacts(info.run_id, MODEL_DIR)}
+    if "MLmodel" not in present:
+        raise UsageError(f"run {info.run_id} (status {info.status}) has no {MODEL_DIR}/ artifact (the "
+                         "MLflow Model of the best trial): it is not a sweep's run, the sweep has not "
+                         "finished, or none of its trials produced a result")
     return found
 
 
@@ -158,18 +208,6 @@ def _experiment_names(client) -> dict[str, str]:
             return names
 
 
-def predict_logits(best: BestModel, images: np.ndarray, batch_size: int,
-                   device: torch.device | str = "cpu") -> torch.Tensor:
-    """Float32 logits of decoded uint8 images, computed as the sweep's evaluation does."""
-    model = best.model.to(device)
-    out = []
-    with torch.inference_mode():
-        for x, _ in best.batches(images, batch_size):
-            out.append(model(x.to(device)).float().cpu())
-    return torch.cat(out) if out else torch.empty(0, len(best.classes))
-
-
-
 def decode_images(paths: Sequence[str | Path], image_size: int, pool: ThreadPoolExecutor):
     """Decode ``paths`` as the sweep's uint8 cache did, on ``pool``'s threads (PIL releases
     the GIL). Returns the ``(N, H, W, 3)`` images, the paths they came from, and
@@ -198,6 +236,7 @@ def add_run_arguments(p) -> None:
     """--tracking-uri and --run, shared by every command that reads a sweep's best model."""
     p.add_argument("--tracking-uri", default="sqlite:///mlflow.db", metavar="URI",
                    help="MLflow tracking URI the sweep logged to (default sqlite:///mlflow.db)")
-    p.add_argument("--run", required=True, metavar="RUN_ID|SWEEP",
+    p.add_argument("--run", required=True, metavar="RUN_ID|SWEEP|MODEL_URI",
                    help="the sweep's parent MLflow run id (printed by sweeps/run.py, parent_run_id "
-                        "in sweep_summary.json) or the sweep's name")
+                        "in sweep_summary.json), the sweep's name, or a registered model version: "
+                        "models:/NAME@champion, models:/NAME/VERSION")

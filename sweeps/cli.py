@@ -14,6 +14,7 @@ EPILOG = """examples:
   python sweeps/run.py --space lr_decay --name nightly --resume   # continue a killed sweep
   python sweeps/run.py --space lr_decay --warm-start nightly      # TPE starts from nightly's trials
   python sweeps/run.py --space pruning --max-acc-drop 0.02        # smallest model within 0.02 of the best
+  python sweeps/run.py --space lr_decay --register digits         # a new version of model digits
 """
 
 
@@ -85,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     where.add_argument("--keep-checkpoints", type=int, default=1, metavar="K",
                        help="when the sweep ends, keep the best checkpoint of the K best trials and delete "
                             "the rest, except those a --resume still needs (default 1; best/ always stays)")
+    where.add_argument("--register", metavar="NAME",
+                       help="register the best model as a new version of the MLflow registered model NAME, "
+                            "tagged with the sweep's run, dataset fingerprint and val_acc; its alias champion "
+                            "moves to it when it beats the champion's val_acc on the same data (needs a store "
+                            "with a Model Registry: sqlite, another database, or an mlflow server)")
     where.add_argument("--resume", action="store_true",
                        help="continue the sweep --name (default: the newest sweep of --space) where it stopped")
     where.add_argument("--ray-address", metavar="ADDR",

@@ -1,5 +1,8 @@
 """Export a sweep's best model for serving:
-``python sweeps/export.py --run RUN_ID_OR_SWEEP --format torchscript|onnx --out FILE``.
+``python sweeps/export.py --run RUN_ID_OR_SWEEP_OR_MODEL_URI --format torchscript|onnx --out FILE``.
+
+The model is loaded through MLflow: the sweep's MLflow Model (``runs:/<parent run>/model``)
+or a registered version (``models:/NAME@champion``, ``models:/NAME/VERSION``).
 
 The exported model takes what the sweep's model took: float32 ``(N, 3, S, S)`` images,
 decoded and normalised as ``best/meta.json`` says, and returns class logits. That meta
@@ -32,14 +35,18 @@ Its output is one logit per class, in the order of the embedded classes.
 examples:
   python sweeps/export.py --run smoke-20260101-120000 --out best.pt
   python sweeps/export.py --tracking-uri http://mlflow:5000 --run 3f2c... --format onnx --out best.onnx
+  python sweeps/export.py --run models:/digits@champion --out champion.onnx
+
+ONNX export needs the onnx package: pip install -e ".[onnx]"
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="sweeps/export.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Export the best model of a sweep (its parent MLflow run's best/ artifacts) "
-                    "as TorchScript or ONNX, with its classes and preprocessing embedded.")
+        description="Export the best model of a sweep (the MLflow Model of its parent run, or a "
+                    "registered version of it) as TorchScript or ONNX, with its classes and "
+                    "preprocessing embedded.")
     add_run_arguments(p)
     p.add_argument("--format", choices=FORMATS,
                    help="torchscript (torch.jit.load, LibTorch) or onnx (ONNX Runtime, TensorRT, ...); "
@@ -60,9 +67,19 @@ def export_torchscript(model, meta: dict, out: Path) -> None:
         torch.jit.save(scripted, str(out), _extra_files={"meta.json": json.dumps(meta)})
 
 
+ONNX_MISSING = 'ONNX export needs the onnx package, which is not installed: pip install -e ".[onnx]"'
+
+
+def check_onnx() -> None:
+    try:
+        import onnx  # noqa: F401
+    except ImportError:
+        raise UsageError(ONNX_MISSING) from None
+
+
 def export_onnx(model, example, meta: dict, out: Path) -> str:
-    """Write the ONNX file; embed the meta and run the checker when ``onnx`` is installed.
-    Returns a note on what was checked."""
+    """Write the ONNX file, embed the meta and run the checker. Returns a note on what was checked."""
+    import onnx
     import torch
 
     # dynamo=False: the torch.export-based exporter needs onnxscript, which torch does not
@@ -72,10 +89,6 @@ def export_onnx(model, example, meta: dict, out: Path) -> str:
         torch.onnx.export(model, (example,), str(out), dynamo=False,
                           input_names=["image"], output_names=["logits"],
                           dynamic_axes={"image": {0: "batch"}, "logits": {0: "batch"}})
-    try:
-        import onnx
-    except ImportError:
-        return "not checked and without embedded meta: the onnx package is not installed (pip install onnx)"
     proto = onnx.load(str(out))
     entry = proto.metadata_props.add()
     entry.key, entry.value = META_KEY, json.dumps(meta)
@@ -91,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if out.is_dir():
             raise UsageError(f"--out {args.out} is a folder; name a file")
+        if fmt == "onnx":
+            check_onnx()
         from sweeps.best_model import load_best
 
         best = load_best(args.tracking_uri, args.run)
@@ -102,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from trainables.data import decode_size
 
-    meta = {**best.meta, "run_id": best.run_id, "sweep": best.sweep,
+    meta = {**best.meta, "run_id": best.run_id, "sweep": best.sweep, "model_uri": best.uri,
             "preprocessing": {"resize_short_side": decode_size(best.image_size), "interpolation": "bilinear",
                               "center_crop": best.image_size, "mean": best.meta["mean"], "std": best.meta["std"]}}
     out.parent.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,7 @@ class Plan:
     inputs: dict = field(default_factory=dict)  # sweeps.tracking.sweep_inputs, on the parent run
     max_acc_drop: float | None = None  # name the smallest model within this of the best val_acc
     keep_checkpoints: int = 1  # after the sweep: the best checkpoint of this many best trials
+    register: str | None = None  # --register: the registered model the best model becomes a version of
 
     @property
     def sweep_dir(self) -> str:
@@ -101,6 +102,10 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     _check_resources(args)
     _check_storage(args.storage)
     check_tracking_uri(args.tracking_uri)
+    if getattr(args, "register", None) is not None:
+        from sweeps.registry import check_registry
+
+        check_registry(args.tracking_uri, args.register)
     checked()
 
     cfg = space.config()
@@ -136,7 +141,7 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
         time_budget=args.time_budget, max_failures=args.max_failures, resume=args.resume,
         ray_address=args.ray_address or os.environ.get("RAY_ADDRESS"), warm_start=start,
         max_acc_drop=max_acc_drop, split_seed=args.split_seed, val_fraction=args.val_fraction,
-        inputs=inputs, keep_checkpoints=args.keep_checkpoints)
+        inputs=inputs, keep_checkpoints=args.keep_checkpoints, register=getattr(args, "register", None))
 
 
 def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: dict) -> int | None:

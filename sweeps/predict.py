@@ -1,9 +1,11 @@
 """Classify a folder of images with a sweep's best model:
-``python sweeps/predict.py --run RUN_ID_OR_SWEEP --images DIR --out preds.csv``.
+``python sweeps/predict.py --run RUN_ID_OR_SWEEP_OR_MODEL_URI --images DIR --out preds.csv``.
 
-Images are decoded and normalised by the code the sweep evaluated with, so the model
-sees exactly what it saw during validation. Unreadable files are listed on stderr and
-left out; the command fails only when nothing could be read.
+The model is the sweep's MLflow Model (``runs:/<parent run>/model``, or a registered version
+such as ``models:/NAME@champion``). Images are decoded and normalised by the code the sweep
+evaluated with, the code its pyfunc runs, so the model sees exactly what it saw during
+validation and predicts what ``mlflow.pyfunc.load_model(...).predict`` does. Unreadable
+files are listed on stderr and left out; the command fails only when nothing could be read.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ then top2, top2_prob, ... up to --top-k. Rows are in path order.
 examples:
   python sweeps/predict.py --run smoke-20260101-120000 --images ~/new_photos --out preds.csv
   python sweeps/predict.py --tracking-uri http://mlflow:5000 --run 3f2c... --images DIR --out - --top-k 1
+  python sweeps/predict.py --run models:/digits@champion --images ~/new_photos --out preds.csv
 """
 
 
@@ -72,9 +75,8 @@ def classify(best, paths: list[Path], top_k: int, batch_size: int, device: str, 
     """CSV rows for the readable images, and ``(path, reason)`` for the others.
 
     Decodes one batch at a time, so memory does not grow with the folder."""
-    import torch
-
-    from sweeps.best_model import decode_images, predict_logits
+    from sweeps.best_model import decode_images
+    from sweeps.mlflow_model import probabilities
 
     rows, unreadable = [], []
     with ThreadPoolExecutor(workers) as pool:
@@ -83,7 +85,7 @@ def classify(best, paths: list[Path], top_k: int, batch_size: int, device: str, 
             unreadable += bad
             if not read:
                 continue
-            probs = torch.softmax(predict_logits(best, images, batch_size, device), dim=1)
+            probs = probabilities(best.model, best.meta, images, batch_size, device)
             top_p, top_i = probs.topk(top_k, dim=1)
             for path, ps, idx in zip(read, top_p.tolist(), top_i.tolist(), strict=True):
                 ranked = [(best.classes[i], f"{q:.6f}") for i, q in zip(idx, ps, strict=True)]

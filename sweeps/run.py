@@ -134,7 +134,7 @@ def check_cluster(plan) -> None:
 def execute(plan, started: float | None = None, trainable=None, opened=None) -> dict:
     """Run a checked plan: MLflow parent run (``opened`` by ``plan_and_join_ray``, or now), Tuner
     fit, best checkpoint, summary."""
-    from sweeps import driver, retention, signals, summary
+    from sweeps import best_model, driver, registry, retention, signals, summary
     from sweeps.tracking import MlflowTrials, trial_id_of
 
     started = started or time.time()
@@ -160,6 +160,7 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
     best_dir = sweep_dir / "best"
     if best is not None:
         summary.export_best(best[2], best_dir)
+        best_model.log_model(tracker, best_dir, sweep_dir / "model")  # the MLflow Model, runs:/<parent>/model
     # what --resume and the best trials still need stays; the rest of the checkpoints go
     checkpoints = retention.retain(results, tracker.outcomes, plan.keep_checkpoints, trial_id_of)
     counts = summary.count_trials(results, tracker.outcomes, interrupted=ctrl_c.caught is not None)
@@ -174,6 +175,8 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
     info["trials"], info["checkpoints"] = counts, checkpoints
     if ctrl_c.caught is not None:
         info["interrupted"] = {"signal": ctrl_c.caught.name, "resume": resume_hint(plan)}
+    if plan.register:
+        info["registered"] = registry.register_sweep(plan, info, pending)
     if folder.remote and info["best"]:
         info["best"]["checkpoint"] = folder.location("best", "model.pt")
     summary.write_summary(info, sweep_dir)

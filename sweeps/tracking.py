@@ -128,6 +128,23 @@ def recorded_inputs(parent) -> dict[str, str] | None:
     return json.loads(text) or None if text else None
 
 
+def dataset_input(plan) -> dict:
+    """The sweep's data as an MLflow dataset input (a ``"inputs"`` write): named after the
+    data, its source the data folder, its digest the dataset fingerprint, its profile the
+    train/val counts. Logged on the parent and every trial run, it fills the UI's Dataset
+    column and its dataset filter."""
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    data = plan.data.dataset
+    source = resolve_dataset_source(str(data.root))
+    profile = {"train_images": len(data.train), "val_images": len(data.val), "classes": len(data.classes),
+               "image_size": plan.data.image_size}
+    return {"dataset": {"name": plan.dataset_label, "digest": data.fingerprint,
+                        "source_type": source._get_source_type(), "source": source.to_json(),
+                        "profile": json.dumps(profile)},
+            "tags": {"mlflow.data.context": "training"}}
+
+
 def input_changes(was: dict[str, str], now: dict[str, str]) -> list[str]:
     """Each input that differs, as ``key: was → now``."""
     return [f"{k}: {was.get(k, '(not set)')} → {now.get(k, '(not set)')}"
@@ -213,6 +230,7 @@ class SweepTracker:
         if "parent" not in self.write.run_ids:
             raise RuntimeError(f"could not create the sweep's MLflow run: {self.write.last_error}")
         self.parent_id = self.write.run_ids["parent"]
+        self.write("inputs", "parent", **dataset_input(plan))
         params = {"space": space.name, "trials": plan.trials, "max_epochs": cfg.max_epochs,
                   "searched": ",".join(space.search) or "-", **{f"fixed.{k}": v for k, v in space.fixed.items()},
                   **{f"search.{k}": f"{p.type}{p.bounds()}" for k, p in space.search.items()},
@@ -268,6 +286,7 @@ class SweepTracker:
         self.write("create", trial_id, experiment_id=self.experiment_id, run_name=name.strip(), tags=tags,
                    start_time=now_ms())
         self.write("batch", trial_id, metrics=[], params={k: str(v) for k, v in config.items()})
+        self.write("inputs", trial_id, **dataset_input(self.plan))
 
     def log_epoch(self, trial_id: str, result: dict) -> None:
         step, now = int(result["epoch"]), now_ms()

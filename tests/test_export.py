@@ -111,5 +111,15 @@ def test_bad_input_exits_2(sweep, tmp_path, capsys):
     assert not out.exists()
 
 
+def test_onnx_without_the_onnx_package_exits_2_naming_the_extra(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx raises ImportError
+    out = tmp_path / "best.onnx"
+    # Before any MLflow work: the store named here does not even exist.
+    assert main(["--tracking-uri", f"sqlite:///{tmp_path}/none.db", "--run", "x", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ONNX export needs the onnx package") and 'pip install -e ".[onnx]"' in err
+    assert not out.exists() and not (tmp_path / "none.db").exists()
+
+
 def test_help_documents_every_flag(capsys):
     assert_help_documents_every_flag(main, build_parser, capsys)

@@ -131,7 +131,9 @@ def test_bad_input_exits_2_naming_the_problem(sweep, tmp_path, capsys):
         (["--tracking-uri", uri, "--run", "no-such-sweep", *ok[2:]], "no sweep named 'no-such-sweep'"),
         (["--tracking-uri", uri, "--run", runs["trial"], *ok[2:]],
          f"is a trial of sweep predict-test; pass the sweep's run {summary['parent_run_id']}"),
-        (["--tracking-uri", uri, "--run", runs["bare"], *ok[2:]], "has no best/"),
+        (["--tracking-uri", uri, "--run", runs["bare"], *ok[2:]], "has no model/ artifact (the MLflow Model"),
+        (["--tracking-uri", uri, "--run", "models:/no-such-model@champion", *ok[2:]],
+         "models:/no-such-model@champion does not exist"),
         (["--tracking-uri", f"http://127.0.0.1:{free_port()}", *ok], "unreachable"),
         (["--tracking-uri", f"sqlite:///{tmp_path}/other.db", *ok], "other.db does not exist"),
     ]
@@ -140,6 +142,34 @@ def test_bad_input_exits_2_naming_the_problem(sweep, tmp_path, capsys):
         err = capsys.readouterr().err
         assert err.startswith("error: ") and message in err, (argv, err)
     assert not (tmp_path / "p.csv").exists() and not (tmp_path / "other.db").exists()
+
+
+def test_the_sweeps_mlflow_model_predicts_what_predict_py_writes(sweep, tmp_path, monkeypatch):
+    """mlflow.pyfunc.load_model("runs:/<parent>/model") on image bytes: the classes and
+    probabilities sweeps/predict.py writes for the same files."""
+    import mlflow.pyfunc
+    import pandas as pd
+
+    summary, uri = sweep
+    images = tmp_path / "digits"
+    for digit in "56789":
+        (images / digit).mkdir(parents=True)
+        for src in sorted((demo.transfer_folder() / digit).glob("*.png"))[:2]:
+            shutil.copy(src, images / digit / src.name)
+    out = tmp_path / "preds.csv"
+    assert main(["--tracking-uri", uri, "--run", summary["parent_run_id"], "--images", str(images),
+                 "--out", str(out), "--top-k", "5"]) == 0
+    with open(out, newline="") as f:
+        rows = list(csv.DictReader(f))
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    model = mlflow.pyfunc.load_model(f"runs:/{summary['parent_run_id']}/model")
+    answer = model.predict(pd.DataFrame({"image": [Path(r["path"]).read_bytes() for r in rows]}))
+    assert len(answer) == len(rows) == 10
+    for row, (_, got) in zip(rows, answer.iterrows(), strict=True):
+        want = {row[c]: float(row[p]) for c, p in [("prediction", "probability"), *[(f"top{k}", f"top{k}_prob")
+                                                                                     for k in range(2, 6)]]}
+        assert got["prediction"] == row["prediction"]
+        assert got["probabilities"] == pytest.approx(want, abs=1e-6)
 
 
 def test_help_documents_every_flag(capsys):
