@@ -133,15 +133,13 @@ def dataset_input(plan) -> dict:
     data, its source the data folder, its digest the dataset fingerprint, its profile the
     train/val counts. Logged on the parent and every trial run, it fills the UI's Dataset
     column and its dataset filter."""
-    from mlflow.data.dataset_source_registry import resolve_dataset_source
-
     data = plan.data.dataset
-    source = resolve_dataset_source(str(data.root))
     profile = {"train_images": len(data.train), "val_images": len(data.val), "classes": len(data.classes),
                "image_size": plan.data.image_size}
-    return {"dataset": {"name": plan.dataset_label, "digest": data.fingerprint,
-                        "source_type": source._get_source_type(), "source": source.to_json(),
-                        "profile": json.dumps(profile)},
+    # MLflow's LocalArtifactDatasetSource, as its to_json() writes it (resolving a folder to it
+    # warns that two source classes claim local paths)
+    return {"dataset": {"name": plan.dataset_label, "digest": data.fingerprint, "source_type": "local",
+                        "source": json.dumps({"uri": str(data.root)}), "profile": json.dumps(profile)},
             "tags": {"mlflow.data.context": "training"}}
 
 
