@@ -75,9 +75,9 @@ class Sweep:
 
     def counts(self) -> dict[str, int]:
         found = self.trials["outcome"].value_counts() if len(self.trials) else {}
-        # running and time_budget are shown only where a trial has them
+        # running, time_budget and paused are shown only where a trial has them
         return {o: int(found.get(o, 0)) for o in OUTCOMES
-                if o not in ("running", "time_budget") or found.get(o, 0)}
+                if o not in ("running", "time_budget", "paused") or found.get(o, 0)}
 
     def best(self) -> pd.Series | None:
         """The trial with the highest val_acc of any epoch (ties: the earlier trial)."""

@@ -12,8 +12,11 @@ A space is data::
       optimizer: {type: choice, values: [sgd, adamw]}
     fixed:                     # any other trial config key (trainables.config.TrialConfig)
       max_epochs: 6
-    asha: {grace_period: 1, reduction_factor: 3}
+    scheduler: {type: asha, grace_period: 1, reduction_factor: 3}
     tpe: {n_startup_trials: 4}
+
+``scheduler`` is one of ``SCHEDULERS`` with its options; without it, ASHA with the ``asha``
+section's settings (the older spelling of ``scheduler: {type: asha, ...}``).
 
 Every problem is reported with the file and the key, before anything starts.
 """
@@ -31,8 +34,16 @@ from trainables.config import TrialConfig, coerce
 
 SPACES_DIR = Path(__file__).resolve().parent
 DISTRIBUTIONS = ("uniform", "loguniform", "int", "choice")
-TOP_KEYS = {"description", "trials", "seed", "search", "fixed", "asha", "tpe"}
+TOP_KEYS = {"description", "trials", "seed", "search", "fixed", "asha", "scheduler", "tpe"}
 ASHA_KEYS = {"grace_period": int, "reduction_factor": float}
+# type -> its options and their defaults: ASHA stops trials at rungs; promotion pauses them
+# there and resumes the promoted ones; top_k trains every trial to one rung, then the best k
+# to the end (sweeps/schedulers.py).
+SCHEDULERS = {
+    "asha": {"grace_period": 1, "reduction_factor": 3.0},
+    "promotion": {"grace_period": 1, "reduction_factor": 3.0},
+    "top_k": {"k": 3, "rung": 1},
+}
 TPE_KEYS = {"n_startup_trials": int}
 # Values a key may never take, whether searched or fixed.
 _POSITIVE = {"lr", "batch_size", "max_epochs", "image_size"}
@@ -80,6 +91,7 @@ class Space:
     grace_period: int = 1
     reduction_factor: float = 3.0
     n_startup_trials: int = 4
+    scheduler: dict = field(default_factory=lambda: {"type": "asha", **SCHEDULERS["asha"]})
 
     def config(self, sampled: dict | None = None) -> TrialConfig:
         """The full trial config for one set of sampled values."""
@@ -137,19 +149,56 @@ def load_space(space: str) -> Space:
         raise SpaceError(f"{path}: {', '.join(both)} is both searched and fixed")
     fixed = _check_values(path, "fixed", fixed)
     asha = _section(path, raw, "asha", ASHA_KEYS)
+    scheduler = _scheduler(path, raw, asha)
     tpe = _section(path, raw, "tpe", TPE_KEYS)
     space = Space(
         name=path.stem, path=path, description=str(raw.get("description", "")).strip(),
         trials=_positive_int(path, "trials", raw.get("trials", 1)),
         seed=_int(path, "seed", raw.get("seed", 0)),
         search=search, fixed=fixed,
-        grace_period=asha.get("grace_period", 1),
-        reduction_factor=asha.get("reduction_factor", 3.0),
+        grace_period=scheduler.get("grace_period", 1),
+        reduction_factor=scheduler.get("reduction_factor", 3.0),
         n_startup_trials=tpe.get("n_startup_trials", 4),
+        scheduler=scheduler,
     )
-    if space.grace_period < 1 or space.reduction_factor <= 1:
-        raise SpaceError(f"{path}: asha needs grace_period >= 1 and reduction_factor > 1")
     return space
+
+
+def _scheduler(path: Path, raw: dict, asha: dict) -> dict:
+    """The ``scheduler`` section with its defaults filled in, or ASHA from the ``asha`` one."""
+    if "scheduler" not in raw:
+        settings = {"type": "asha", **SCHEDULERS["asha"], **asha}
+    else:
+        if "asha" in raw:
+            raise SpaceError(f"{path}: both 'asha' and 'scheduler' given; write the ASHA settings as "
+                             "scheduler: {type: asha, grace_period: ..., reduction_factor: ...}")
+        section = raw["scheduler"]
+        if not isinstance(section, dict) or "type" not in section:
+            raise SpaceError(f"{path}: 'scheduler' must be a mapping with 'type' (one of {', '.join(SCHEDULERS)})")
+        kind = section["type"]
+        if kind not in SCHEDULERS:
+            raise SpaceError(f"{path}: scheduler.type: unknown scheduler {kind!r} (one of {', '.join(SCHEDULERS)})")
+        options = SCHEDULERS[kind]
+        _check_keys(path, "scheduler.", section, {"type", *options})
+        settings = {"type": kind, **options}
+        for key, value in section.items():
+            if key == "type":
+                continue
+            kind_of = type(options[key])
+            if isinstance(value, bool) or not isinstance(value, int | float) or (
+                    kind_of is int and value != int(value)):
+                raise SpaceError(f"{path}: scheduler.{key} must be {'an integer' if kind_of is int else 'a number'}, "
+                                 f"got {value!r}")
+            settings[key] = kind_of(value)
+    if "scheduler" not in raw and (settings["grace_period"] < 1 or settings["reduction_factor"] <= 1):
+        raise SpaceError(f"{path}: asha needs grace_period >= 1 and reduction_factor > 1")
+    for key in ("grace_period", "k", "rung"):
+        if key in settings and settings[key] < 1:
+            raise SpaceError(f"{path}: scheduler.{key} must be >= 1, got {settings[key]}")
+    factor = settings.get("reduction_factor")
+    if factor is not None and not (math.isfinite(factor) and factor > 1):
+        raise SpaceError(f"{path}: scheduler.reduction_factor must be > 1, got {factor}")
+    return settings
 
 
 MAX_FILE_BYTES = 1 << 20

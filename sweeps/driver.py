@@ -12,6 +12,7 @@ from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
+from sweeps import schedulers
 from sweeps.progress import LiveStatus
 from sweeps.tracking import OBJECTIVE
 from trainables.ray_trial import trainable
@@ -108,7 +109,9 @@ def search_algorithm(space, max_concurrent: int | None, warm_start=None):
     earlier = warm_start.points if warm_start and warm_start.points else None
     search = OptunaSearch(sampler=sampler, metric=OBJECTIVE, mode=MODE, points_to_evaluate=earlier,
                           evaluated_rewards=warm_start.rewards if earlier else None)
-    return ConcurrencyLimiter(search, max_concurrent) if max_concurrent else search
+    # a trial paused at a rung holds no lane: the limiter of a pausing scheduler does not count it
+    limiter = schedulers.LaneLimiter if space.scheduler["type"] in schedulers.PAUSING else ConcurrencyLimiter
+    return limiter(search, max_concurrent) if max_concurrent else search
 
 
 def lanes(resources: dict, trials: int) -> int:
@@ -132,12 +135,35 @@ def lanes(resources: dict, trials: int) -> int:
     return min(fit, trials)
 
 
+def make_scheduler(space, max_t: int):
+    """The space's ``scheduler``: ASHA (stops trials at rungs), or one that pauses them there
+    and resumes them from their checkpoints (sweeps/schedulers.py)."""
+    settings = space.scheduler
+    if settings["type"] in schedulers.PAUSING:
+        return schedulers.make_scheduler(settings, time_attr="training_iteration", metric=OBJECTIVE,
+                                         mode=MODE, max_t=max_t)
+    return ResumableASHA(time_attr="training_iteration", max_t=max_t,
+                         grace_period=min(settings["grace_period"], max_t),
+                         reduction_factor=settings["reduction_factor"])
+
+
+def check_resumable(space, trainable_fn) -> None:
+    """A pausing scheduler resumes trials from their checkpoints: refuse a trainable that
+    never reads one, before anything starts."""
+    from sweeps.plan import UsageError
+
+    if space.scheduler["type"] in schedulers.PAUSING and not schedulers.resumes_from_checkpoint(trainable_fn):
+        name = getattr(trainable_fn, "__qualname__", type(trainable_fn).__name__)
+        raise UsageError(f"{space.path}: scheduler {space.scheduler['type']} pauses trials and resumes them "
+                         f"from their checkpoints, but the trainable {name} never reads one "
+                         "(ray.tune.get_checkpoint()); use scheduler type asha")
+
+
 def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
     space = plan.space
     max_t = plan.total_epochs
-    scheduler = ResumableASHA(time_attr="training_iteration", max_t=max_t,
-                              grace_period=min(space.grace_period, max_t),
-                              reduction_factor=space.reduction_factor)
+    check_resumable(space, trainable_fn or trainable)
+    scheduler = make_scheduler(space, max_t)
     run_config = tune.RunConfig(
         name=plan.name, storage_path=plan.storage, callbacks=[*callbacks, JsonLoggerCallback()],
         # Keeps the best checkpoint of each trial plus (always) its latest, to resume from.
@@ -156,7 +182,9 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
     tune_config = tune.TuneConfig(
         metric=OBJECTIVE, mode=MODE, num_samples=plan.trials, scheduler=scheduler,
         search_alg=search_algorithm(space, concurrent, plan.warm_start),
-        max_concurrent_trials=None if space.search else concurrent,
+        # Tune's own limit counts paused trials as holding a lane: none for a pausing scheduler
+        max_concurrent_trials=None if space.search or space.scheduler["type"] in schedulers.PAUSING
+        else concurrent,
         reuse_actors=True, time_budget_s=plan.time_budget,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     return tune.Tuner(trainable_, param_space=param_space(space), tune_config=tune_config,

@@ -13,12 +13,15 @@ METRIC = "val_acc"
 
 
 def counts(trials, max_epochs: int) -> dict[str, int]:
-    """Trials by state: pending, running, and the outcomes of finished trials (as MLflow
-    tagged them, else judged against each trial's own budget)."""
+    """Trials by state: pending, running, paused at a rung (a pausing scheduler), and the
+    outcomes of finished trials (as MLflow tagged them, else judged against each trial's
+    own budget)."""
     out = {"pending": 0, "running": 0, **dict.fromkeys(OUTCOMES, 0)}
     tagged = MlflowTrials.active.outcomes if MlflowTrials.active else {}
     for t in trials:
-        if t.status in ("PENDING", "PAUSED"):
+        if t.status == "PAUSED":
+            out["paused"] += 1
+        elif t.status == "PENDING":
             out["pending"] += 1
         elif t.status == "RUNNING":
             out["running"] += 1
@@ -42,7 +45,8 @@ def status_line(trials, max_epochs: int, total: int, elapsed: float) -> str:
     found = best(trials)
     best_text = (f"best val_acc {found[0]:.4f} (trial {found[1]})" if found else "best val_acc -")
     return (f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {len(trials)}/{total} trials: "
-            f"{c['running']} running, {c['pending']} pending, {c['completed']} completed, "
+            f"{c['running']} running, {f'{n} paused, ' if (n := c['paused']) else ''}"
+            f"{c['pending']} pending, {c['completed']} completed, "
             f"{c['stopped_early']} stopped early, "
             f"{f'{n} cut by the time budget, ' if (n := c['time_budget']) else ''}"
             f"{c['errored']} errored | {best_text}")

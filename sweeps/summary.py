@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from sweeps import schedulers
 from sweeps.tracking import OUTCOMES, outcome_of, redact, trial_budget, trial_id_of
 
 METRIC, MODE = "val_acc", "max"
@@ -23,6 +24,8 @@ def count_trials(results, outcomes: dict[str, str] | None = None, interrupted: b
     counts = {**dict.fromkeys(OUTCOMES, 0), "interrupted": 0}
     for r in results:
         outcome = (outcomes or {}).get(trial_id_of(r))
+        if outcome not in counts and trial_id_of(r) in schedulers.PAUSED:
+            outcome = "paused"  # waiting at a rung when the sweep stopped: --resume goes on from there
         if outcome not in counts:  # not ended through the tracker (or tagged abandoned)
             outcome = ("interrupted" if interrupted and r.error is None
                        else outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config)))
@@ -32,6 +35,25 @@ def count_trials(results, outcomes: dict[str, str] | None = None, interrupted: b
 
 def total_epochs(results) -> int:
     return sum(int((r.metrics or {}).get("epoch", 0)) for r in results)
+
+
+def anytime_curve(results, origin: float) -> list[list[float]]:
+    """The sweep's best val_acc so far against wall-clock seconds since ``origin`` (when the
+    command started): one ``[t, best]`` point each time the best improved. Results from
+    before ``origin`` (a resumed sweep's earlier drivers) count from t = 0."""
+    reports = []
+    for r in results:
+        frame = r.metrics_dataframe
+        if frame is None or not {"reported_at", METRIC} <= set(frame.columns):
+            continue
+        rows = frame.dropna(subset=["reported_at", METRIC])
+        reports += zip(rows["reported_at"].astype(float), rows[METRIC].astype(float), strict=True)
+    points, best = [], None
+    for at, value in sorted(reports):
+        if best is None or value > best:
+            best = value
+            points.append([round(max(0.0, at - origin), 2), value])
+    return points
 
 
 def best_trial(results):
@@ -79,6 +101,8 @@ def build_summary(plan, tracker, results, wall_s: float, best, best_dir, pending
         "experiment_id": tracker.experiment_id, "parent_run_id": tracker.parent_id,
         "trials": count_trials(results, getattr(tracker, "outcomes", None)), "wall_s": round(wall_s, 2),
         "total_trial_epochs": total_epochs(results),
+        # best val_acc so far against seconds since the command started, [[t, best], ...]
+        "anytime": anytime_curve(results, time.time() - wall_s),
         "best": None, "sweep_dir": plan.sweep_dir, "model": plan.space.config().model,
         "dataset": plan.dataset_label, "unlogged_mlflow_writes": len(pending),
         # how long the end of the sweep waited for the MLflow writer to catch up

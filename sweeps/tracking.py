@@ -23,6 +23,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from ray.tune import Callback
 
+from sweeps import schedulers
 from sweeps.writer import Writer, WriterProcess
 
 # best_val_acc (running max) ranks trials correctly in the MLflow UI, where a column shows
@@ -32,14 +33,19 @@ EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "lr", "img_per_s", "epoch_
                  "sparsity", "nonzero_params")
 TAG_SWEEP, TAG_ROLE, TAG_TRIAL = "ftsweep.sweep", "ftsweep.role", "ftsweep.trial_id"
 TAG_OUTCOME, TAG_STOP_REASON = "outcome", "stop_reason"
+# The epochs (rungs) at which a pausing scheduler paused the trial, comma-separated.
+TAG_PAUSED_AT = "ftsweep.paused_at"
 # What the sweep ran on, as one JSON tag of its parent run: --resume compares with it.
 TAG_INPUTS = "ftsweep.inputs"
 # The one number that ranks trials everywhere: TPE's objective, ASHA's rungs, the summary,
 # the report and --warm-start all use a trial's best val_acc (the running max it reports).
 OBJECTIVE, MODE = "best_val_acc", "max"
 # A finished trial's outcome: it ran its own budget, ASHA or patience stopped it, the
-# sweep's --time-budget ran out while it trained, or it raised or diverged.
-OUTCOMES = ("completed", "stopped_early", "time_budget", "errored")
+# sweep's --time-budget ran out while it trained, or it raised or diverged; or, with a
+# pausing scheduler (sweeps/schedulers.py), the sweep ended while it waited at a rung.
+OUTCOMES = ("completed", "stopped_early", "time_budget", "errored", "paused")
+# Outcome tags of a trial whose run is still open: it trains, or waits at a rung to be resumed.
+OPEN = ("running", "paused")
 SHORT = {"lr": "lr", "decay_power": "γ", "frozen_depth": "frozen", "weight_decay": "wd",
          "optimizer": "opt", "batch_size": "bs"}
 
@@ -190,6 +196,7 @@ class SweepTracker:
         self.ended: set[str] = set()
         self.outcomes: dict[str, str] = {}  # per ended trial, as tagged in MLflow
         self.started: set[str] = set()
+        self.paused: set[str] = set()  # trials waiting at a rung (a pausing scheduler)
         self._start_parent()  # in this process: the sweep needs its parent run id now
         self.started |= set(self.write.run_ids) - {"parent"}  # trials that have a run, or one queued
         # from here on, writes leave through a child process: Tune's loop never waits on MLflow
@@ -210,7 +217,9 @@ class SweepTracker:
                 self.trial_numbers[trial_id] = int(run.data.tags.get("ftsweep.trial_number", 0))
                 history = self.client.get_metric_history(run.info.run_id, "val_acc")
                 self.last_step[trial_id] = max((m.step for m in history), default=0)
-                if run.data.tags.get(TAG_OUTCOME, "running") != "running":
+                if run.data.tags.get(TAG_OUTCOME) == "paused":
+                    self.paused.add(trial_id)
+                if run.data.tags.get(TAG_OUTCOME, "running") not in OPEN:
                     self.ended.add(trial_id)
                     self.outcomes[trial_id] = run.data.tags[TAG_OUTCOME]
             self._note_queued()
@@ -232,7 +241,8 @@ class SweepTracker:
         params = {"space": space.name, "trials": plan.trials, "max_epochs": cfg.max_epochs,
                   "searched": ",".join(space.search) or "-", **{f"fixed.{k}": v for k, v in space.fixed.items()},
                   **{f"search.{k}": f"{p.type}{p.bounds()}" for k, p in space.search.items()},
-                  "seed": space.seed, "asha.grace_period": space.grace_period,
+                  "seed": space.seed, "scheduler": json.dumps(space.scheduler, sort_keys=True),
+                  "asha.grace_period": space.grace_period,
                   "asha.reduction_factor": space.reduction_factor,
                   "tpe.n_startup_trials": space.n_startup_trials,
                   "cpus_per_trial": plan.resources["cpu"], "gpus_per_trial": plan.resources["gpu"],
@@ -254,7 +264,7 @@ class SweepTracker:
             steps = [int(m["step"]) for m in kw.get("metrics") or ()]
             if steps:
                 self.last_step[key] = max(self.last_step.get(key, 0), *steps)
-            if tags.get(TAG_OUTCOME, "running") != "running":
+            if tags.get(TAG_OUTCOME, "running") not in OPEN:
                 self.ended.add(key)
                 self.outcomes[key] = tags[TAG_OUTCOME]
 
@@ -294,6 +304,17 @@ class SweepTracker:
         metrics = [dict(key=k, value=float(result[k]), timestamp=now, step=step)
                    for k in (*EPOCH_METRICS, *result.get("extra_metrics", ())) if k in result]
         self.write("batch", trial_id, metrics=metrics)
+
+    def pause_trial(self, trial_id: str, rungs: list[int]) -> None:
+        """The trial waits at a rung; its run stays open and goes on when it is resumed."""
+        self.paused.add(trial_id)
+        self.write("batch", trial_id, metrics=[], tags={TAG_OUTCOME: "paused",
+                                                        TAG_PAUSED_AT: ",".join(map(str, rungs))})
+
+    def resume_trial(self, trial_id: str) -> None:
+        if trial_id in self.paused:
+            self.paused.discard(trial_id)
+            self.write("batch", trial_id, metrics=[], tags={TAG_OUTCOME: "running"})
 
     def end_trial(self, trial_id: str, outcome: str, reason: str = "") -> None:
         if trial_id not in self.started:
@@ -389,6 +410,8 @@ def stop_reason(last_result: dict, outcome: str) -> str:
         return ""
     if outcome == "time_budget":
         return "time_budget"
+    if outcome == "paused":
+        return "the sweep ended while the trial waited at a rung"
     return last_result.get("stop_reason") or ("patience" if last_result.get("early_stopped") else "asha")
 
 
@@ -416,9 +439,14 @@ class MlflowTrials(Callback):
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.tracker.start_trial(trial.trial_id, trial.config)
+        self.tracker.resume_trial(trial.trial_id)  # promoted from a rung: the same run goes on
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.tracker.log_epoch(trial.trial_id, result)
+        rungs = schedulers.PAUSES.get(trial.trial_id)
+        # the scheduler decides before the callbacks hear of the result: paused at this one
+        if trial.trial_id in schedulers.PAUSED and rungs and rungs[-1] == result.get("training_iteration"):
+            self.tracker.pause_trial(trial.trial_id, rungs)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
         from sweeps.driver import ASHA_STOPPED
@@ -428,6 +456,8 @@ class MlflowTrials(Callback):
         # call as ASHA's stops; ASHA's are the ones its scheduler decided (ASHA_STOPPED).
         by_time = self.tracker.plan.time_budget is not None and trial.trial_id not in ASHA_STOPPED
         outcome = outcome_of(last, False, trial_budget(trial.config), cut_by_time=by_time)
+        if trial.status == "PAUSED" and trial.trial_id not in ASHA_STOPPED:
+            outcome = "paused"  # the sweep ended (--time-budget) while it waited at a rung
         self.tracker.end_trial(trial.trial_id, outcome, stop_reason(last, outcome))
 
     def on_trial_error(self, iteration, trials, trial, **info):

@@ -16,7 +16,7 @@ TRIALS = [trial("RUNNING", 1, 0.5, "a"), trial("PENDING"), trial("TERMINATED", 3
 
 def test_counts_each_state_and_outcome():
     assert counts(TRIALS, max_epochs=3) == {"pending": 1, "running": 1, "completed": 1,
-                                            "stopped_early": 1, "time_budget": 0, "errored": 1}
+                                            "stopped_early": 1, "time_budget": 0, "errored": 1, "paused": 0}
     line = status_line(TRIALS, 3, total=8, elapsed=75)
     assert line.startswith("[01:15] 5/8 trials: 1 running, 1 pending, 1 completed, 1 stopped early")
     assert "best val_acc 0.9000 (trial b)" in line
