@@ -12,7 +12,9 @@ from dashboards.frame import Searched, Sweep
 from dashboards.svg import Bands, Figure, Scale, fmt, padded
 
 OUTCOME_COLOURS = {"completed": "#2563eb", "stopped_early": "#f59e0b", "time_budget": "#a855f7",
-                   "errored": "#dc2626", "running": "#6b7280"}
+                   "errored": "#dc2626", "paused": "#0891b2", "running": "#6b7280"}
+# one colour per sweep on the anytime chart: the report's sweep first, then the compared ones
+SWEEP_COLOURS = ["#047857", "#2563eb", "#dc2626", "#d97706", "#7c3aed", "#0891b2"]
 BEST, SEED = "#047857", "#7c3aed"
 PRUNED, DENSE = "#2563eb", "#9ca3af"
 # viridis without its palest yellow, which vanishes on white
@@ -275,3 +277,33 @@ def size_scatter(sweep: Sweep, sizes: pd.DataFrame, pick: dict, floor: float) ->
     f.text(x - 10 if left else x + 10, y - 8, f"smallest within reach: trial {pick['trial']}",
            class_="callout", text_anchor="end" if left else None)
     return f.render(data_chart="sizes")
+
+
+def anytime_curves(sweeps: list[tuple[str, Sweep, str, bool]]) -> str:
+    """Best val_acc so far against seconds since each sweep started, one step line per
+    sweep (label, sweep, colour, dashed), drawn on to the sweep's wall time."""
+    f = Figure(WIDE, 340, margin=(56, 16, 16, 44), label="Best val_acc so far against wall-clock time")
+    lines = []
+    for label, sweep, colour, dashed in sweeps:
+        points = list(sweep.anytime().itertuples(index=False))
+        if points:
+            lines.append((label, points, max(sweep.wall_s, points[-1][0]), colour, dashed))
+    xmax = max((end for *_, end, _, _ in lines), default=1.0)
+    values = [b for _, pts, *_ in lines for _, b in pts]
+    ys = Scale(*padded(min(values, default=0.0), max(values, default=1.0), floor=0.0, ceil=1.0), f.y0, f.y1)
+    xs = Scale(0, xmax * 1.02, f.x0, f.x1)
+    f.axes(xs, ys, "seconds since the sweep started", "best val_acc so far")
+    for label, points, end, colour, dashed in lines:
+        steps, prev = [], None
+        for t, best in points:
+            if prev is not None:
+                steps.append((xs(t), ys(prev)))
+            steps.append((xs(t), ys(best)))
+            prev = best
+        steps.append((xs(end), ys(prev)))
+        f.polyline(steps, stroke=colour, stroke_width=2, stroke_dasharray="6 4" if dashed else None,
+                   class_="anytime", title=f"{label}: best val_acc {prev:.4f} at {points[-1][0]:.0f} s")
+        for t, best in points:
+            f.el("circle", cx=round(xs(t), 1), cy=round(ys(best), 1), r=3, fill=colour,
+                 title=f"{label}: {best:.4f} at {t:.0f} s")
+    return f.render(data_chart="anytime")

@@ -73,6 +73,15 @@ class Sweep:
         end = self.parent.info.end_time or time.time() * 1000
         return (end - self.parent.info.start_time) / 1000
 
+    def anytime(self) -> pd.DataFrame:
+        """The sweep's best val_acc so far against seconds since its parent run started: one
+        row (time_s, best) each time the best improved."""
+        curves = self.curves.sort_values("time_s", kind="stable")
+        best = curves["val_acc"].cummax()
+        improved = best > best.shift(fill_value=float("-inf"))
+        return pd.DataFrame({"time_s": curves["time_s"][improved].to_numpy(),
+                             "best": best[improved].to_numpy()})
+
     def counts(self) -> dict[str, int]:
         found = self.trials["outcome"].value_counts() if len(self.trials) else {}
         # running, time_budget and paused are shown only where a trial has them

@@ -38,6 +38,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="FILE.html",
                    help="where to write the report; the trial table goes next to it as .csv and "
                         ".parquet (default <sweep>-report.html)")
+    p.add_argument("--compare", action="append", default=[], metavar="NAME|RUN_ID",
+                   help="another sweep to draw on the anytime chart (best val_acc so far against wall time); "
+                        "repeat for more")
     p.add_argument("--no-log", action="store_true", help="do not log the report to the sweep's parent run")
     p.add_argument("--max-acc-drop", type=float, default=0.01, metavar="F",
                    help="for a sweep that pruned: name the model with the fewest nonzero parameters whose "
@@ -52,11 +55,12 @@ def main(argv: list[str] | None = None) -> int:
     client = MlflowClient(args.tracking_uri)
     try:
         sweep = load_sweep(client, args.sweep)
+        others = [load_sweep(client, other, with_seed_recipe=False) for other in args.compare]
     except SweepNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out or f"{sweep.name}-report.html")
-    paths = write_report(sweep, out, model_sizes(client, sweep), args.max_acc_drop)
+    paths = write_report(sweep, out, model_sizes(client, sweep), args.max_acc_drop, others)
     for path in paths:
         print(path)
     if not args.no_log:
@@ -67,24 +71,25 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def write_report(sweep: Sweep, out: Path, sizes: pd.DataFrame | None = None,
-                 max_acc_drop: float = 0.01) -> list[Path]:
+                 max_acc_drop: float = 0.01, compare: list[Sweep] | None = None) -> list[Path]:
     """The HTML report, then the trial table as CSV and Parquet beside it."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_html(sweep, sizes, max_acc_drop), encoding="utf-8")
+    out.write_text(build_html(sweep, sizes, max_acc_drop, compare), encoding="utf-8")
     csv, parquet = out.with_suffix(".csv"), out.with_suffix(".parquet")
     sweep.trials.to_csv(csv, index=False)
     sweep.trials.to_parquet(parquet, index=False)
     return [out, csv, parquet]
 
 
-def build_html(sweep: Sweep, sizes: pd.DataFrame | None = None, max_acc_drop: float = 0.01) -> str:
+def build_html(sweep: Sweep, sizes: pd.DataFrame | None = None, max_acc_drop: float = 0.01,
+               compare: list[Sweep] | None = None) -> str:
     parts = [header(sweep)]
     if sweep.trials.empty:
         parts.append(note("This sweep has no trials in MLflow yet."))
     else:
-        parts += [curves_section(sweep), params_section(sweep), importance_section(sweep),
-                  size_section(sweep, sizes, max_acc_drop), timeline_section(sweep), seed_section(sweep),
-                  table_section(sweep)]
+        parts += [curves_section(sweep), anytime_section(sweep, compare or []), params_section(sweep),
+                  importance_section(sweep), size_section(sweep, sizes, max_acc_drop), timeline_section(sweep),
+                  seed_section(sweep), table_section(sweep)]
     made = dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     parts.append(f"<footer>Made by dashboards/report.py on {made} from MLflow run "
                  f"<code>{esc(sweep.parent.info.run_id)}</code>.</footer>")
@@ -144,6 +149,33 @@ def curves_section(sweep: Sweep) -> str:
                    "marks a trial that was stopped early; the dashed lines are the epochs where ASHA stopped "
                    "trials (its rungs). Hover a line to see the trial and light it up everywhere.",
                    outcome_legend(sweep), charts.learning_curves(sweep))
+
+
+def anytime_section(sweep: Sweep, compare: list[Sweep]) -> str:
+    """The best val_acc so far against wall-clock time, with the compared sweeps and the seed
+    recipe run of the experiment on the same axes."""
+    drawn = [(f"{sweep.name} ({sweep.tag('space', '?')})", sweep, charts.SWEEP_COLOURS[0], False)]
+    for i, other in enumerate(compare, start=1):
+        colour = charts.SWEEP_COLOURS[i % len(charts.SWEEP_COLOURS)]
+        drawn.append((f"{other.name} ({other.tag('space', '?')})", other, colour, False))
+    if sweep.seed_recipe is not None:
+        drawn.append((f"{sweep.seed_recipe.name} (seed_recipe)", sweep.seed_recipe, charts.SEED, True))
+    rows = "".join(f"<tr><td>{esc(label)}</td><td>{_best_at_end(s)}</td><td>{duration(s.wall_s)}</td></tr>"
+                   for label, s, _, _ in drawn)
+    table = ('<table class="cmp"><tr><th class="s">sweep</th><th>best val_acc</th><th>wall time</th></tr>'
+             + rows + "</table>")
+    return section("anytime", "Best val_acc against wall time",
+                   "The best val_acc any trial had reached so far, against seconds since the sweep's MLflow run "
+                   "started (a step at each new best), each line drawn on to the sweep's wall time. Pass "
+                   "<code>--compare SWEEP</code> to draw other sweeps on the same axes (another scheduler on "
+                   "the same data, say); a seed_recipe run in the experiment is the dashed line.",
+                   legend([(label, colour, dashed) for label, _, colour, dashed in drawn]),
+                   charts.anytime_curves(drawn), table)
+
+
+def _best_at_end(sweep: Sweep) -> str:
+    curve = sweep.anytime()
+    return f"{curve['best'].iloc[-1]:.4f}" if len(curve) else "–"
 
 
 def params_section(sweep: Sweep) -> str:

@@ -340,6 +340,8 @@ class SweepTracker:
             known.add(trial_id)
             if trial_id and trial_id in self.started and trial_id not in self.ended:
                 outcome = outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config))
+                if trial_id in self.paused and r.error is None:
+                    outcome = "paused"  # the sweep ended (--time-budget) while it waited at a rung
                 reason = str(r.error)[-2000:] if r.error else stop_reason(r.metrics or {}, outcome)
                 self.end_trial(trial_id, outcome, reason)
         for trial_id in set(self.trial_numbers) - known:

@@ -236,3 +236,52 @@ def test_searched_param_parsed_from_the_parent_runs_param():
     assert Searched.parse("lr", "loguniform[0.001, 0.2]") == Searched("lr", "loguniform", [0.001, 0.2])
     assert Searched.parse("optimizer", "choice['sgd', 'adamw']").bounds == ["sgd", "adamw"]
 
+
+
+def _sweep_with_curve(name, points, wall_s):
+    """A Sweep whose trials reported (seconds since its start, val_acc) = ``points``."""
+    from types import SimpleNamespace
+
+    from dashboards.frame import Sweep
+
+    curves = pd.DataFrame({"trial": [i % 2 + 1 for i in range(len(points))],
+                           "epoch": [i // 2 + 1 for i in range(len(points))],
+                           "val_acc": [v for _, v in points], "time_s": [t for t, _ in points]})
+    parent = SimpleNamespace(data=SimpleNamespace(tags={"ftsweep.sweep": name, "space": name}, params={}),
+                             info=SimpleNamespace(run_name=name, start_time=0, end_time=wall_s * 1000))
+    return Sweep(parent, pd.DataFrame(), curves, {})
+
+
+def test_anytime_curve_is_the_best_so_far_at_each_improvement():
+    s = _sweep_with_curve("a", [(30.0, 0.5), (10.0, 0.4), (20.0, 0.6), (40.0, 0.55), (50.0, 0.7)], 60)
+    curve = s.anytime()
+    assert list(zip(curve["time_s"], curve["best"], strict=True)) == [(10.0, 0.4), (20.0, 0.6), (50.0, 0.7)]
+
+
+def test_two_sweeps_on_one_anytime_chart():
+    from dashboards import charts
+
+    a = _sweep_with_curve("asha", [(10.0, 0.4), (20.0, 0.6)], 60)
+    b = _sweep_with_curve("promotion", [(15.0, 0.5), (40.0, 0.8)], 50)
+    svg = charts.anytime_curves([("asha", a, "#111111", False), ("promotion", b, "#222222", False)])
+    page = Tags.of(svg)
+    lines = page.with_class("anytime")
+    assert len(lines) == 2
+    assert [a["stroke"] for a in lines] == ["#111111", "#222222"]
+    # a step line: up at each new best, flat until the next one and on to the sweep's wall time
+    first = [tuple(map(float, p.split(","))) for p in lines[0]["points"].split()]
+    assert len(first) == 4 and first[0][1] == first[1][1] and first[1][0] == first[2][0]
+    assert "promotion: best val_acc 0.8000 at 40 s" in svg
+
+
+@slow
+def test_report_draws_a_compared_sweep_on_the_anytime_chart(sweep, tmp_path):
+    out = tmp_path / "compare.html"
+    assert report.main(["--sweep", "smoke-report", "--compare", "recipe-report", "--tracking-uri", sweep["uri"],
+                        "--out", str(out), "--no-log"]) == 0
+    page = Tags.of(out.read_text())
+    assert page.with_attr("id", "anytime")
+    # the sweep, the compared run, and the experiment's seed recipe (here the same run, dashed)
+    assert len(page.with_class("anytime")) == 3
+    assert report.main(["--sweep", "smoke-report", "--compare", "no-such-sweep", "--tracking-uri", sweep["uri"],
+                        "--no-log"]) == 2
