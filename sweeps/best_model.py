@@ -73,6 +73,7 @@ def log_model(tracker, best_dir: Path, out: Path) -> bool:
               f"{BEST_DIR}/ is logged without it")
         return False
     tracker.write("artifacts", "parent", local_dir=str(out), artifact_path=mlflow_model.ARTIFACT_PATH)
+    print(f"Best model logged as an MLflow Model: runs:/{tracker.parent_id}/{mlflow_model.ARTIFACT_PATH}")
     return True
 
 
@@ -88,10 +89,20 @@ class _quiet:
         self.levels = [lg.level for lg in self.loggers]
         for lg in self.loggers:
             lg.setLevel(logging.ERROR)
+        # and no progress bars while it checks the input example
+        self.bar = os.environ.get(BAR)
+        os.environ[BAR] = "false"
 
     def __exit__(self, *exc):
         for lg, level in zip(self.loggers, self.levels, strict=True):
             lg.setLevel(level)
+        if self.bar is None:
+            os.environ.pop(BAR, None)
+        else:
+            os.environ[BAR] = self.bar
+
+
+BAR = "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"
 
 
 def load_best(tracking_uri: str, run: str) -> BestModel:

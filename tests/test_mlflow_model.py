@@ -41,6 +41,7 @@ class Tracker:
     """What ``best_model.log_model`` needs of a SweepTracker: its writer, with the parent run."""
 
     def __init__(self, client, run_id: str):
+        self.parent_id = run_id
         self.write = Writer(client)
         self.write.run_ids["parent"] = run_id
 
