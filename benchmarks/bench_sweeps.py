@@ -64,6 +64,14 @@ def sleeper(seconds: float):
     return sleep
 
 
+def ship_by_value() -> None:
+    """Ray's workers cannot import ``benchmarks`` (it is not installed, and the sweeps run
+    in a work folder): the trainables defined here travel to them by value."""
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
 def in_process(argv: list[str], log: Path, trainable=None, ray_cpus: int | None = None):
     """Run one sweep of the platform in this process, with its output in ``log``; returns
     its plan. Ray is shut down after it, so the next sweep starts Ray afresh."""
@@ -74,6 +82,7 @@ def in_process(argv: list[str], log: Path, trainable=None, ray_cpus: int | None 
     from sweeps.plan import prepare
     from sweeps.run import execute
 
+    ship_by_value()
     with open(log, "a") as out, contextlib.redirect_stdout(out):
         plan = prepare(build_parser().parse_args(argv))
         try:
@@ -97,6 +106,7 @@ def bare_tune(plan, trials: int, concurrent: int | None, log: Path, reuse_actors
 
     from sweeps import driver
 
+    ship_by_value()
     name = f"bare-{time.time_ns()}"
     with open(log, "a") as out, contextlib.redirect_stdout(out):
         try:
