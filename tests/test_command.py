@@ -40,6 +40,19 @@ def test_the_package_installs_the_ftsweep_entry_point():
     assert entry.load() is command.main
 
 
+def test_the_onnx_extra_installs_what_onnx_export_imports():
+    from packaging.requirements import Requirement
+
+    extras: dict[str, set[str]] = {}
+    for line in metadata.requires("ftsweep"):
+        req = Requirement(line)
+        for extra in ("onnx", "test"):
+            if req.marker and req.marker.evaluate({"extra": extra}):
+                extras.setdefault(extra, set()).add(req.name)
+    assert extras["onnx"] == {"onnx"}
+    assert "onnx" in extras["test"]  # the tests export ONNX too
+
+
 def test_version_is_the_installed_packages(tmp_path):
     proc = ftsweep("--version", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
