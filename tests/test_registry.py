@@ -10,7 +10,6 @@ from test_mlflow_model import logged_sweep, predict_csv
 
 from sweeps import export, predict, registry
 from sweeps.run import main as run_main
-from trainables import demo
 
 from conftest import run_sweep, write_image_folder
 
@@ -98,12 +97,12 @@ def test_a_store_without_registry_exits_2_before_training(tmp_path, capsys):
     assert not (tmp_path / "x.db").exists()
 
 
-def test_a_sweep_registers_its_best_model_and_logs_its_dataset(cache_dir, tmp_path):
+def test_a_sweep_registers_its_best_model_and_logs_its_dataset(image_folder, cache_dir, tmp_path):
     """The whole path: a real sweep with --register; its runs carry the dataset input."""
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "1", "--name", "reg-test",
-                      "--tracking-uri", uri, "--storage", str(tmp_path / "results"), "--register", "digits"],
-                     tmp_path)
+    proc = run_sweep(["--space", "smoke", "--data", str(image_folder), "--weights", "none", "--image-size", "16",
+                      "--trials", "2", "--max-epochs", "1", "--name", "reg-test", "--tracking-uri", uri,
+                      "--storage", str(tmp_path / "results"), "--register", "digits"], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(open(proc.stdout.strip().splitlines()[-1]).read())
     assert "Registered the best model as digits version 1 (models:/digits/1)" in proc.stdout
@@ -124,8 +123,8 @@ def test_a_sweep_registers_its_best_model_and_logs_its_dataset(cache_dir, tmp_pa
     for run in [parent, *trials]:
         (given,) = client.get_run(run.info.run_id).inputs.dataset_inputs
         d = given.dataset
-        assert (d.name, d.digest, d.source_type) == ("digits5-9", fingerprint, "local")
-        assert json.loads(d.source)["uri"] == str(demo.transfer_folder())
+        assert (d.name, d.digest, d.source_type) == ("images", fingerprint, "local")
+        assert json.loads(d.source)["uri"] == str(image_folder)
         profile = json.loads(d.profile)
         assert profile["train_images"] == int(parent.data.params["train_images"]) > 0
         assert profile["val_images"] == int(parent.data.params["val_images"]) > 0
