@@ -52,6 +52,12 @@ class BestModel:
         """The batch size the sweep evaluated with (twice the training batch size)."""
         return int(self.meta["config"]["batch_size"]) * 2
 
+    def batches(self, images: np.ndarray, batch_size: int):
+        """The batches the MLflow Model's pyfunc feeds its model (``mlflow_model.val_batches``)."""
+        from sweeps.mlflow_model import val_batches
+
+        return val_batches(self.meta, images, batch_size)
+
     def describe(self) -> str:
         return (f"{self.meta['model']} from sweep {self.sweep} ({self.uri}, "
                 f"val_acc {self.meta['val_acc']:.4f} at epoch {self.meta.get('epoch', '?')})")

@@ -106,13 +106,18 @@ def probabilities(model: nn.Module, meta: dict, images: np.ndarray, batch_size: 
     """Float32 softmax probabilities of decoded ``(N, D, D, 3)`` uint8 images, computed as the
     sweep's evaluation does: its ``Batches`` crop the centre ``image_size`` square and
     normalise with the sweep's mean and std."""
-    batches = Batches(images, np.zeros(len(images), np.int64), batch_size, mean=meta["mean"], std=meta["std"],
-                      shuffle=False, crop=int(meta["image_size"]), device=device)
     model, out = model.to(device), []
     with torch.inference_mode():
-        for x, _ in batches:
+        for x, _ in val_batches(meta, images, batch_size, device):
             out.append(torch.softmax(model(x).float(), dim=1).cpu())
     return torch.cat(out) if out else torch.empty(0, len(meta["classes"]))
+
+
+def val_batches(meta: dict, images: np.ndarray, batch_size: int, device: torch.device | str = "cpu") -> Batches:
+    """Normalised float batches of the centre ``image_size`` crop of decoded ``(N, D, D, 3)``
+    uint8 images, made by the same class as the sweep's val batches (labels: unused zeros)."""
+    return Batches(images, np.zeros(len(images), np.int64), batch_size, mean=meta["mean"], std=meta["std"],
+                   shuffle=False, crop=int(meta["image_size"]), device=device)
 
 
 def example_image(image_size: int) -> bytes:
