@@ -14,6 +14,7 @@ from ray.tune.search import ConcurrencyLimiter
 
 from sweeps import schedulers
 from sweeps.progress import LiveStatus
+from sweeps.ray_session import init_ray  # noqa: F401 - sweeps.driver.init_ray, as callers know it
 from sweeps.tracking import OBJECTIVE
 from trainables.ray_trial import trainable
 
@@ -219,21 +220,3 @@ def _trial_name(trial) -> str:
 
 def _exists(plan) -> bool:
     return tune.Tuner.can_restore(plan.sweep_dir)
-
-
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
-    """Join ``address`` (inside a Ray job, $RAY_ADDRESS) or start Ray on this machine,
-    declaring ``num_cpus`` CPUs (default: the machine's)."""
-    if ray.is_initialized():
-        return
-    # The table of trials is the progress display; Tune's per-result boxes and snapshot
-    # warnings drown it. Worker logs stay in Ray's session folder.
-    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
-    os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
-    # Snapshot the experiment state (a few kB) every second instead of every 10 s, so a
-    # killed driver forgets as few started trials as possible.
-    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
-    if address:
-        ray.init(address=address, log_to_driver=False)
-    else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)

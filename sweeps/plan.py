@@ -13,15 +13,21 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from search_spaces.loader import Space, SpaceError, load_space
 from sweeps import storage
 from sweeps.cli import parse_sets
-from sweeps.warm_start import WarmStart, earlier_trials
 from trainables import demo
 from trainables.config import TrialConfig, coerce
-from trainables.data import DataError, DataHandle, scan
-from trainables.models import ModelError, build_model, check_model_name, normalization, num_stages
+from trainables.zoo import check_model_name
+
+if TYPE_CHECKING:
+    from sweeps.warm_start import WarmStart
+    from trainables.data import DataHandle
+
+# The checks that come before Ray starts import nothing heavy: Ray's start overlaps with
+# importing torch, torchvision and MLflow for the slower checks (sweeps/run.py).
 
 
 class UsageError(Exception):
@@ -78,12 +84,12 @@ def prepare(args, log=print, checked: Callable[[], None] | None = None) -> Plan:
     model's name, the resources, the tracking server), before the slower checks."""
     try:
         return _prepare(args, log, checked or (lambda: None))
-    except (SpaceError, DataError, ModelError, ValueError) as e:
+    except (SpaceError, ValueError) as e:  # DataError and ModelError are ValueErrors
         raise UsageError(str(e)) from None
 
 
 def _prepare(args, log, checked: Callable[[], None]) -> Plan:
-    from sweeps.tracking import check_tracking_uri, sweep_inputs
+    from sweeps.uris import check_tracking_uri
 
     _check_flags(args)
     space = load_space(args.space)
@@ -96,7 +102,6 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     # --set seed=N is --seed N: the space's seed, for TPE and every trial
     seed = _seed(args.seed, fixed.pop("seed", None), space)
     space = replace(space.override(**fixed), seed=seed)
-    _check_frozen_depth(space, model)
     _check_pruning(space)
     max_acc_drop = _max_acc_drop(args, space)
     _check_resources(args)
@@ -108,6 +113,12 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
         check_registry(args.tracking_uri, args.register)
     checked()
 
+    from sweeps.tracking import sweep_inputs
+    from trainables.data import DataHandle, scan
+    from trainables.models import build_model, normalization
+
+    _check_frozen_depth(space, model)
+    _check_gpus(args)
     cfg = space.config()
     root = demo.transfer_folder() if is_demo else Path(args.data).expanduser()
     dataset = scan(root, val_fraction=args.val_fraction, seed=args.split_seed)
@@ -226,6 +237,8 @@ def _check_frozen_depth(space: Space, model: str) -> None:
                   else max(param.values) if param else space.config().frozen_depth)
     if deepest == 0:
         return
+    from trainables.models import num_stages
+
     stages = num_stages(model)
     if deepest > stages:
         raise UsageError(f"{space.path}: frozen_depth goes up to {deepest}, but {model} has "
@@ -260,6 +273,7 @@ def _max_acc_drop(args, space: Space) -> float | None:
 
 def _warm_start(args, space: Space, fingerprint: str, log) -> WarmStart:
     from dashboards.frame import SweepNotFound
+    from sweeps.warm_start import earlier_trials
 
     if not space.search:
         raise UsageError(f"--warm-start {args.warm_start}: space {space.name} searches nothing, "
@@ -323,19 +337,26 @@ def _check_storage(where: str) -> None:
         raise UsageError(f"--storage {where}: {existing} is not writable (permission denied)")
 
 
+# Tracking stores every MLflow has (the rest are asked of MLflow's registry of stores)
+COMMON_STORES = {"", "file", "sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks"}
+
+
 def _check_tracking_scheme(uri: str) -> None:
-    """A scheme MLflow has no store for (``foo://``) fails here, not in a traceback later."""
+    """A scheme MLflow has no store for (``foo://``) fails here, not in a traceback later.
+    The usual ones pass without importing MLflow (a second, before Ray can start)."""
     import urllib.parse
 
-    from sweeps.tracking import redact
+    from sweeps.uris import redact
 
+    scheme = urllib.parse.urlsplit(uri).scheme
+    if scheme in COMMON_STORES:
+        return
     try:
         from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
         known = set(_tracking_store_registry._registry)
     except (ImportError, AttributeError):  # a private registry: if it moves, skip this check
         return
-    scheme = urllib.parse.urlsplit(uri).scheme
     if scheme not in known and len(scheme) > 1:  # one letter: a Windows drive
         raise UsageError(f"--tracking-uri {redact(uri)}: MLflow has no tracking store for "
                          f"'{scheme}://' (one of: {', '.join(sorted(k for k in known if k))})")
@@ -348,16 +369,7 @@ def _check_resources(args) -> None:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.ray_address or os.environ.get("RAY_ADDRESS"):
         pass  # a cluster's nodes are counted when it is joined (run.check_cluster)
-    elif args.gpus_per_trial > 0:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: this machine has no "
-                             "CUDA GPU (torch.cuda.is_available() is False)")
-        if args.gpus_per_trial > torch.cuda.device_count():
-            raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: this machine has "
-                             f"{torch.cuda.device_count()} GPU(s); no trial could ever start")
-    if not (args.ray_address or os.environ.get("RAY_ADDRESS")):
+    else:
         from ray._private.utils import get_num_cpus  # the CPUs a local Ray declares
 
         if args.cpus_per_trial > get_num_cpus():
@@ -367,6 +379,21 @@ def _check_resources(args) -> None:
         raise UsageError(f"--keep-checkpoints must be >= 0, got {args.keep_checkpoints}")
     if args.trials is not None and args.trials < 1:
         raise UsageError(f"--trials must be >= 1, got {args.trials}")
+
+
+def _check_gpus(args) -> None:
+    """On this machine, --gpus-per-trial needs that many CUDA GPUs (a cluster's are counted
+    when it is joined)."""
+    if args.gpus_per_trial <= 0 or args.ray_address or os.environ.get("RAY_ADDRESS"):
+        return
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: this machine has no "
+                         "CUDA GPU (torch.cuda.is_available() is False)")
+    if args.gpus_per_trial > torch.cuda.device_count():
+        raise UsageError(f"--gpus-per-trial {args.gpus_per_trial}: this machine has "
+                         f"{torch.cuda.device_count()} GPU(s); no trial could ever start")
 
 
 def _sweep_name(args, space: Space, storage: str) -> str:

@@ -20,7 +20,6 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 from sweeps import storage  # noqa: E402
 from sweeps.cli import build_parser  # noqa: E402
 from sweeps.plan import UsageError, prepare  # noqa: E402
-from sweeps.tracking import fmt  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -58,7 +57,7 @@ def plan_and_join_ray(args):
 
     import ray
 
-    from sweeps import driver
+    from sweeps.ray_session import init_ray
 
     passed, decided = [], threading.Event()
 
@@ -79,7 +78,7 @@ def plan_and_join_ray(args):
         if not passed:
             return planning.result()  # raises the quick check's UsageError: Ray never started
         try:
-            driver.init_ray(None)
+            init_ray(None)
         except BaseException:
             with contextlib.suppress(Exception):
                 planning.result()[1][1].finish(None, {}, failed=True)  # the run it opened
@@ -186,6 +185,8 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
 
 
 def _print_end(info: dict, tracker, pending: list) -> None:
+    from sweeps.tracking import fmt
+
     t = info["trials"]
     cut = f", {t['interrupted']} interrupted" if t.get("interrupted") else ""
     print(f"\nTrials: {t['completed']} completed, {t['stopped_early']} stopped early, "

@@ -8,15 +8,11 @@ still not be sent at the end is kept on disk and reported.
 
 from __future__ import annotations
 
-import base64
 import fcntl
 import json
 import os
 import subprocess
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
@@ -24,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from ray.tune import Callback
 
 from sweeps import schedulers
+from sweeps.uris import check_tracking_uri, redact  # noqa: F401 - also sweeps.tracking's
 from sweeps.writer import Writer, WriterProcess
 
 # best_val_acc (running max) ranks trials correctly in the MLflow UI, where a column shows
@@ -48,51 +45,6 @@ OUTCOMES = ("completed", "stopped_early", "time_budget", "errored", "paused")
 OPEN = ("running", "paused")
 SHORT = {"lr": "lr", "decay_power": "γ", "frozen_depth": "frozen", "weight_decay": "wd",
          "optimizer": "opt", "batch_size": "bs"}
-
-
-def redact(uri: str) -> str:
-    """The URI without its credentials, fit to print or log. The user name goes too: a
-    token is often given as the user name (``https://TOKEN@host``)."""
-    parts = urllib.parse.urlsplit(uri)
-    if parts.username is None and parts.password is None:
-        return uri
-    netloc = "***@" + parts.netloc.rpartition("@")[2]
-    return urllib.parse.urlunsplit(parts._replace(netloc=netloc))
-
-
-def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
-    """Fail in seconds, naming the URI, when the tracking server cannot be reached.
-
-    Credentials in the URI (``http://user:password@host``) go to the server as HTTP basic
-    authentication, as MLflow's own client sends them; a server that refuses them is
-    reachable, and the message says the credentials were refused."""
-    from sweeps.plan import UsageError
-
-    parts = urllib.parse.urlsplit(uri)
-    if parts.scheme in ("http", "https"):
-        bare = urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rpartition("@")[2]))
-        request = urllib.request.Request(bare.rstrip("/") + "/health")
-        if parts.username is not None or parts.password is not None:
-            user = urllib.parse.unquote(parts.username or "")
-            secret = urllib.parse.unquote(parts.password or "")
-            request.add_header("Authorization", "Basic " + base64.b64encode(f"{user}:{secret}".encode()).decode())
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                r.read()
-        except urllib.error.HTTPError as e:
-            if e.code in (401, 403):
-                raise UsageError(f"MLflow tracking server {redact(uri)} refused the credentials "
-                                 f"(HTTP {e.code}); check the user name and password in --tracking-uri") from None
-            raise UsageError(f"MLflow tracking server {redact(uri)} answered HTTP {e.code} at /health; "
-                             "is it an MLflow server?") from None
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            reason = getattr(e, "reason", e)
-            raise UsageError(f"MLflow tracking server {redact(uri)} is unreachable ({reason}); "
-                             "start it or pass another --tracking-uri") from None
-    elif parts.scheme == "sqlite":
-        folder = Path(uri.removeprefix("sqlite:///")).expanduser().resolve().parent
-        if not folder.is_dir():
-            raise UsageError(f"--tracking-uri {uri}: folder {folder} does not exist")
 
 
 def client(uri: str) -> MlflowClient:
@@ -128,12 +80,6 @@ def sweep_inputs(space, fingerprint: str, split_seed: int, val_fraction: float) 
     return inputs
 
 
-def recorded_inputs(parent) -> dict[str, str] | None:
-    """What a parent run recorded with ``sweep_inputs``; None for a sweep from before."""
-    text = parent.data.tags.get(TAG_INPUTS)
-    return json.loads(text) or None if text else None
-
-
 def dataset_input(plan) -> dict:
     """The sweep's data as an MLflow dataset input (a ``"inputs"`` write): named after the
     data, its source the data folder, its digest the dataset fingerprint, its profile the
@@ -147,6 +93,12 @@ def dataset_input(plan) -> dict:
     return {"dataset": {"name": plan.dataset_label, "digest": data.fingerprint, "source_type": "local",
                         "source": json.dumps({"uri": str(data.root)}), "profile": json.dumps(profile)},
             "tags": {"mlflow.data.context": "training"}}
+
+
+def recorded_inputs(parent) -> dict[str, str] | None:
+    """What a parent run recorded with ``sweep_inputs``; None for a sweep from before."""
+    text = parent.data.tags.get(TAG_INPUTS)
+    return json.loads(text) or None if text else None
 
 
 def input_changes(was: dict[str, str], now: dict[str, str]) -> list[str]:

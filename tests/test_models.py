@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import urllib.error
+from pathlib import Path
 
 import pytest
 import torch
@@ -48,6 +49,44 @@ def test_classification_models_excludes_other_tasks():
     names = models.classification_models()
     assert "resnet18" in names and "vit_b_16" in names
     assert "fasterrcnn_resnet50_fpn" not in names and "quantized_resnet18" not in names
+
+
+def test_the_names_read_from_torchvisions_source_are_the_ones_it_registers():
+    """The name check runs before Ray starts, without importing torchvision: it reads the
+    builders from the source; torchvision's own registry must say the same."""
+    from trainables import zoo
+
+    folder = Path(torchvision.__file__).parent / "models"
+    from_source = sorted(n for f in folder.glob("*.py") for n in zoo.BUILDER.findall(f.read_text()))
+    assert from_source == sorted(torchvision.models.list_models(module=torchvision.models))
+    assert models.classification_models() == from_source
+
+
+def test_the_checks_before_ray_starts_import_neither_torch_nor_mlflow(tmp_path):
+    """sweeps/run.py starts Ray as soon as the quick checks pass; importing torch,
+    torchvision and MLflow (seconds) happens beside it, not before it."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sweeps.cli import build_parser; from sweeps.plan import prepare, UsageError\n"
+            "class Done(Exception): pass\n"
+            "def checked(): raise Done\n"
+            "try: prepare(build_parser().parse_args(sys.argv[1:]), checked=checked)\n"
+            "except Done: pass\n"
+            "heavy = sorted(m for m in ('torch', 'torchvision', 'mlflow', 'ray.tune') if m in sys.modules)\n"
+            "print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code, "--space", "lr_decay", "--tracking-uri",
+                          f"sqlite:///{tmp_path}/m.db", "--storage", str(tmp_path / "s")],
+                         capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert out.stdout.strip() == "[]", out.stderr[-2000:]
+
+
+def test_the_stores_passed_without_asking_mlflow_are_mlflow_stores():
+    from mlflow.tracking._tracking_service.utils import _tracking_store_registry
+
+    from sweeps.plan import COMMON_STORES
+
+    assert COMMON_STORES <= set(_tracking_store_registry._registry)
 
 
 # --------------------------------------------------------------------- weights

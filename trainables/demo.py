@@ -11,12 +11,7 @@ import os
 import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from PIL import Image
-
 from trainables.config import TrialConfig
-from trainables.data import DataHandle, scan
 
 PRETRAIN_DIGITS = range(0, 5)
 TRANSFER_DIGITS = range(5, 10)
@@ -34,6 +29,8 @@ def write_digits(root: Path, digits) -> Path:
     """Write sklearn's bundled digits as ``root/<digit>/<index>.png``; idempotent."""
     if (root / ".complete").exists():
         return root
+    import numpy as np
+    from PIL import Image
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
@@ -59,6 +56,9 @@ def pretrained_backbone(model: str, image_size: int = IMAGE_SIZE, cache: Path | 
     out = cache / "backbones" / f"{model}-digits0-4-{image_size}px.pt"
     if out.exists():
         return out
+    import torch
+
+    from trainables.data import DataHandle, scan
     from trainables.train import run_trial
 
     log(f"Pretraining the demo backbone ({model} on digits 0-4, {image_size}px); "

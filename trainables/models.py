@@ -10,7 +10,6 @@ counts and what the feature cache runs piecewise.
 from __future__ import annotations
 
 import contextlib
-import difflib
 import functools
 import os
 import socket
@@ -21,14 +20,10 @@ from urllib.parse import urlparse
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import Tensor, nn
 from torchvision.models import get_model, get_model_weights
 
-
-class ModelError(ValueError):
-    """User-facing problem with a model name, weights, or frozen_depth. Message names the culprit."""
-
+from trainables.zoo import ModelError, check_model_name, classification_models  # noqa: F401 - also ours
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -45,23 +40,6 @@ _UNSUPPORTED = {
     "squeezenet1_0": "no nn.Linear head",
     "squeezenet1_1": "no nn.Linear head",
 }
-
-
-def classification_models() -> list[str]:
-    return torchvision.models.list_models(module=torchvision.models)
-
-
-def check_model_name(name: str) -> None:
-    models = classification_models()
-    if name in models:
-        return
-    close = difflib.get_close_matches(name, models, n=5)
-    hint = (
-        f"close matches: {', '.join(close)}"
-        if close
-        else "list them with: python -c 'import trainables.models as m; print(m.classification_models())'"
-    )
-    raise ModelError(f"unknown model {name!r}; {hint}")
 
 
 # ---------------------------------------------------------------------------- build
