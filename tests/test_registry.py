@@ -97,20 +97,22 @@ def test_a_store_without_registry_exits_2_before_training(tmp_path, capsys):
     assert not (tmp_path / "x.db").exists()
 
 
-def test_a_sweep_registers_its_best_model_and_logs_its_dataset(image_folder, cache_dir, tmp_path):
+@pytest.mark.parametrize("store", ["sqlite", "server"])
+def test_a_sweep_registers_its_best_model_and_logs_its_dataset(store, image_folder, cache_dir, tmp_path, request):
     """The whole path: a real sweep with --register; its runs carry the dataset input."""
-    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    uri = request.getfixturevalue("mlflow_server") if store == "server" else f"sqlite:///{tmp_path}/mlflow.db"
+    name = f"swept-{store}"  # the server is shared by the session's tests
     proc = run_sweep(["--space", "smoke", "--data", str(image_folder), "--weights", "none", "--image-size", "16",
-                      "--trials", "2", "--max-epochs", "1", "--name", "reg-test", "--tracking-uri", uri,
-                      "--storage", str(tmp_path / "results"), "--register", "digits"], tmp_path)
+                      "--trials", "2", "--max-epochs", "1", "--name", f"reg-test-{store}", "--tracking-uri", uri,
+                      "--storage", str(tmp_path / "results"), "--register", name], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(open(proc.stdout.strip().splitlines()[-1]).read())
-    assert "Registered the best model as digits version 1 (models:/digits/1)" in proc.stdout
-    assert "champion -> digits version 1: the model had no champion" in proc.stdout
-    assert summary["registered"] == {"name": "digits", "version": 1, "champion": 1, "alias_moved": True,
+    assert f"Registered the best model as {name} version 1 (models:/{name}/1)" in proc.stdout
+    assert f"champion -> {name} version 1: the model had no champion" in proc.stdout
+    assert summary["registered"] == {"name": name, "version": 1, "champion": 1, "alias_moved": True,
                                      "reason": "the model had no champion"}
     client = MlflowClient(uri, registry_uri=uri)
-    version = client.get_model_version_by_alias("digits", "champion")
+    version = client.get_model_version_by_alias(name, "champion")
     parent = client.get_run(summary["parent_run_id"])
     fingerprint = parent.data.tags["dataset_fingerprint"]
     assert version.tags["parent_run_id"] == parent.info.run_id
