@@ -58,7 +58,7 @@ def test_the_time_budget_cut_is_its_own_outcome_and_asha_stays_asha(monkeypatch)
     results = [SimpleNamespace(metrics={**t.last_result, "trial_id": t.trial_id}, error=None,
                                config=t.config, path=f"/x/trial_{t.trial_id}") for t in trials]
     assert summary.count_trials(results, tracker.outcomes) == {
-        "completed": 1, "stopped_early": 2, "time_budget": 1, "errored": 0, "interrupted": 0}
+        "completed": 1, "stopped_early": 2, "time_budget": 1, "errored": 0, "paused": 0, "interrupted": 0}
     live = counts(trials, max_epochs=5)
     assert (live["time_budget"], live["stopped_early"], live["completed"]) == (1, 2, 1)
 
