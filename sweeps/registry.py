@@ -11,9 +11,12 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-from sweeps.mlflow_model import ARTIFACT_PATH
 from sweeps.plan import UsageError
-from sweeps.tracking import redact
+from sweeps.uris import redact
+
+# sweeps.mlflow_model.ARTIFACT_PATH: this module is imported by the checks before Ray starts,
+# which import neither torch nor MLflow's pyfunc
+ARTIFACT_PATH = "model"
 
 CHAMPION = "champion"
 TAG_PARENT, TAG_FINGERPRINT, TAG_VAL_ACC, TAG_SWEEP = "parent_run_id", "dataset_fingerprint", "val_acc", "sweep"
@@ -25,14 +28,14 @@ MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<versi
 def check_registry(tracking_uri: str, name: str) -> None:
     """``--register NAME`` needs a tracking store with a Model Registry; fail before the sweep
     starts, naming the store, when it has none (MLflow 3's ``file:`` store refuses it)."""
-    from mlflow.exceptions import MlflowException
-    from mlflow.tracking import MlflowClient
-
     if not name.strip() or "/" in name or "@" in name or ":" in name:
         raise UsageError(f"--register {name!r}: a model name without '/', '@' or ':'")
     scheme = urllib.parse.urlsplit(tracking_uri).scheme.split("+")[0]
     if scheme in SQL_SCHEMES:  # the registry's tables are created with the tracking store's
         return
+    from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
+
     try:
         MlflowClient(tracking_uri, registry_uri=tracking_uri).search_registered_models(max_results=1)
     except MlflowException as e:
