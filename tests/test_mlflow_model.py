@@ -104,6 +104,7 @@ def assert_same(answer: pd.DataFrame, images: list[Path], expected: dict[str, di
         assert sum(row["probabilities"].values()) == pytest.approx(1, abs=1e-5)
 
 
+@pytest.mark.slow
 def test_pyfunc_predicts_what_predict_py_writes(store, images, tmp_path, monkeypatch):
     import mlflow.pyfunc
 
@@ -119,6 +120,7 @@ def test_pyfunc_predicts_what_predict_py_writes(store, images, tmp_path, monkeyp
     assert_same(by_path, images, expected)
 
 
+@pytest.mark.slow
 def test_model_carries_signature_example_metadata_and_requirements(store, tmp_path):
     import mlflow.artifacts
     from mlflow.models import Model
@@ -147,6 +149,7 @@ def test_model_carries_signature_example_metadata_and_requirements(store, tmp_pa
     net.load_state_dict(torch.load(best / "model.pt", weights_only=True))
 
 
+@pytest.mark.slow
 def test_a_non_image_is_an_invalid_input_naming_its_row(store, images):
     import mlflow.pyfunc
 
