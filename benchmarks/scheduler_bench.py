@@ -192,8 +192,8 @@ def table(results: dict, multiples) -> str:
         for name in SCHEDULERS:
             s = r[name]
             cells = []
-            for m in multiples:
-                v, f = s["best_val_acc_at"][f"{m:g}x"], s["fraction_of_reference_at"][f"{m:g}x"]
+            for m in multiples:  # "–": no result yet at that time, or not measured (a shorter --redo)
+                v, f = s["best_val_acc_at"].get(f"{m:g}x"), s["fraction_of_reference_at"].get(f"{m:g}x")
                 cells.append("–" if v is None else f"{v:.4f} ({f:.3f})")
             n = sum(s["trials"].values()) - s["trials"].get("interrupted", 0)
             lines.append(f"| {name} | " + " | ".join(cells) + f" | {n} | {s['total_trial_epochs']} |")
