@@ -30,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("INTERRUPTED (Ctrl-C) before the sweep started", file=sys.stderr)
+        return 128 + signal.SIGINT
     info = execute(plan, started, opened=opened)
     print(storage.join(plan.sweep_dir, "sweep_summary.json"))
     if info.get("interrupted"):  # a stopped sweep is not a finished one: 130 for Ctrl-C, 143 for SIGTERM
@@ -59,7 +62,7 @@ def plan_and_join_ray(args):
 
     from sweeps.ray_session import init_ray
 
-    passed, decided = [], threading.Event()
+    passed, decided, cancelled = [], threading.Event(), threading.Event()
 
     def quick_checks_passed():
         passed.append(True)
@@ -70,24 +73,31 @@ def plan_and_join_ray(args):
             plan = prepare(args, checked=quick_checks_passed)
         finally:
             decided.set()  # a failed check decides too
+        if cancelled.is_set():  # Ctrl-C, or Ray could not start: open nothing
+            raise UsageError("the sweep was cancelled before it started")
         return plan, open_sweep(plan)
 
-    with ThreadPoolExecutor(1, thread_name_prefix="prepare") as pool:
-        planning = pool.submit(plan_and_open)
+    pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
+    planning = pool.submit(plan_and_open)
+    try:
         decided.wait()
         if not passed:
             return planning.result()  # raises the quick check's UsageError: Ray never started
-        try:
-            init_ray(None)
-        except BaseException:
+        init_ray(None)
+        return planning.result()
+    except BaseException:
+        cancelled.set()
+        pool.shutdown(wait=True)  # the helper ends its check, and then opens nothing
+        if planning.done() and planning.exception() is None:  # it had opened the sweep already
+            folder, tracker = planning.result()[1]
             with contextlib.suppress(Exception):
-                planning.result()[1][1].finish(None, {}, failed=True)  # the run it opened
-            raise
-        try:
-            return planning.result()
-        except BaseException:
+                tracker.finish(None, {}, failed=True)
+            folder.close()
+        if ray.is_initialized():
             ray.shutdown()
-            raise
+        raise
+    finally:
+        pool.shutdown(wait=False)
 
 
 def open_sweep(plan):
@@ -180,6 +190,7 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
         info["best"]["checkpoint"] = folder.location("best", "model.pt")
     summary.write_summary(info, sweep_dir)
     folder.publish(pending=bool(pending))
+    folder.close()
     _print_end(info, tracker, pending)
     return info
 

@@ -114,6 +114,12 @@ class SweepFolder:
             os.close(self._lock)
             raise SweepTaken(f"another process is running this sweep now (it holds {self.local})") from None
 
+    def close(self) -> None:
+        """Release the sweep: another driver may resume it from now on."""
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
     def location(self, *parts: str) -> str:
         """Where a file of the sweep folder can be found once published."""
         return join(self.uri, *parts) if self.remote else str(self.local.joinpath(*parts))

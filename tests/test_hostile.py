@@ -475,7 +475,7 @@ def test_one_sweep_name_is_claimed_by_one_driver(tmp_path):
         storage.SweepFolder(str(tmp_path / "results" / "s"))  # a new sweep of a taken name
     with pytest.raises(storage.SweepTaken, match="another process is running this sweep now"):
         storage.SweepFolder(str(tmp_path / "results" / "s"), resume=True)  # --resume while it runs
-    os.close(first._lock)  # the first driver ends
+    first.close()  # the first driver ends
     storage.SweepFolder(str(tmp_path / "results" / "s"), resume=True)
 
 
@@ -522,3 +522,35 @@ def test_two_sweeps_of_one_name_started_together_run_once(tmp_path, cache_dir):
     with contextlib.closing(sqlite3.connect(tmp_path / "mlflow.db")) as db:
         parents = db.execute("select count(*) from tags where key = 'ftsweep.role' and value = 'parent'").fetchone()
     assert parents == (1,)
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, RuntimeError])
+def test_ctrl_c_or_a_failed_ray_start_while_the_checks_run_opens_no_sweep(in_tmp, monkeypatch, capsys, fault):
+    """Ray starts while the slower checks run beside it; when its start is interrupted
+    (Ctrl-C: exit 130) or fails, the checks end and no sweep is opened (no MLflow run, no
+    claimed name)."""
+    import time
+
+    import sweeps.ray_session
+    import sweeps.run
+
+    opened = []
+
+    def slow_checks(args, checked):
+        checked()  # the quick checks passed: Ray starts now
+        time.sleep(1)
+        return "plan"
+
+    def ray_start(address):
+        raise fault("Ray did not start")
+
+    monkeypatch.setattr(sweeps.run, "prepare", slow_checks)
+    monkeypatch.setattr(sweeps.ray_session, "init_ray", ray_start)
+    monkeypatch.setattr(sweeps.run, "open_sweep", opened.append)
+    if fault is KeyboardInterrupt:
+        assert main(["--space", "smoke"]) == 130
+        assert "INTERRUPTED (Ctrl-C) before the sweep started" in capsys.readouterr().err
+    else:
+        with pytest.raises(RuntimeError, match="Ray did not start"):
+            main(["--space", "smoke"])
+    assert opened == [] and not ray.is_initialized()
