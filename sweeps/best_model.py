@@ -10,6 +10,7 @@ registry URI (``models:/NAME@champion``, ``models:/NAME/3``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import tempfile
@@ -28,6 +29,7 @@ from sweeps.tracking import TAG_ROLE, TAG_SWEEP, check_tracking_uri, redact
 from trainables.data import decode_for, decode_size
 
 BEST_DIR = "best"
+BEST_FILES = ("model.pt", "meta.json")  # the plain state_dict and what it is, for torchvision users
 MODEL_DIR = "model"  # sweeps.mlflow_model.ARTIFACT_PATH, without importing MLflow's pyfunc here
 
 
@@ -145,6 +147,8 @@ def load_best(tracking_uri: str, run: str) -> BestModel:
         run_id, uri = found.info.run_id, f"runs:/{found.info.run_id}/{MODEL_DIR}"
         source = uri
         sweep = found.data.tags.get(TAG_SWEEP, run_id)
+        if not _has(client, run_id, MODEL_DIR, "MLmodel"):  # a sweep whose MLflow Model was not logged
+            return _from_best_files(client, run_id, sweep)
     with tempfile.TemporaryDirectory(prefix="ftsweep-best-") as tmp:
         try:
             local = mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=tmp, tracking_uri=tracking_uri,
@@ -190,12 +194,31 @@ def find_parent_run(client, tracking_uri: str, run: str):
         parent = tags.get("mlflow.parentRunId", "?")
         raise UsageError(f"run {info.run_id} is a trial of sweep {tags.get(TAG_SWEEP, '?')}; "
                          f"pass the sweep's run {parent} (or --run {tags.get(TAG_SWEEP, parent)})")
-    present = {Path(f.path).name for f in client.list_artifacts(info.run_id, MODEL_DIR)}
-    if "MLmodel" not in present:
+    if not (_has(client, info.run_id, MODEL_DIR, "MLmodel")
+            or _has(client, info.run_id, BEST_DIR, *BEST_FILES)):
         raise UsageError(f"run {info.run_id} (status {info.status}) has no {MODEL_DIR}/ artifact (the "
                          "MLflow Model of the best trial): it is not a sweep's run, the sweep has not "
                          "finished, or none of its trials produced a result")
     return found
+
+
+def _has(client, run_id: str, folder: str, *names: str) -> bool:
+    present = {Path(f.path).name for f in client.list_artifacts(run_id, folder)}
+    return set(names) <= present
+
+
+def _from_best_files(client, run_id: str, sweep: str) -> BestModel:
+    """The best model from the plain ``best/`` files (state_dict and meta.json), for a sweep
+    whose MLflow Model is missing: saving it failed, or the sweep predates it."""
+    import torch
+
+    from sweeps import mlflow_model
+
+    with tempfile.TemporaryDirectory(prefix="ftsweep-best-") as tmp:
+        local = Path(client.download_artifacts(run_id, BEST_DIR, tmp))
+        meta = json.loads((local / "meta.json").read_text())
+        state = torch.load(local / "model.pt", map_location="cpu", weights_only=True)
+    return BestModel(run_id, sweep, meta, mlflow_model.build(meta, state), f"runs:/{run_id}/{BEST_DIR}")
 
 
 def _parent_by_sweep_name(client, tracking_uri: str, name: str):

@@ -172,5 +172,25 @@ def test_the_sweeps_mlflow_model_predicts_what_predict_py_writes(sweep, tmp_path
         assert got["probabilities"] == pytest.approx(want, abs=1e-6)
 
 
+def test_a_sweep_without_its_mlflow_model_predicts_from_its_best_files(sweep, tmp_path):
+    """The plain best/ files (state_dict, meta.json) are enough: a sweep whose MLflow Model
+    could not be saved, or that predates it, still predicts, the same as with it."""
+    summary, uri = sweep
+    client = MlflowClient(uri)
+    parent = client.get_run(summary["parent_run_id"])
+    bare = client.create_run(parent.info.experiment_id, run_name="no-model",
+                             tags={"ftsweep.sweep": "no-model", "ftsweep.role": "parent"}).info.run_id
+    client.log_artifacts(bare, client.download_artifacts(parent.info.run_id, "best", str(tmp_path)), "best")
+    client.set_terminated(bare)
+    images = image_dir(tmp_path / "images")
+    outs = []
+    for run in (summary["parent_run_id"], "no-model"):
+        out = tmp_path / f"{run}.csv"
+        assert main(["--tracking-uri", uri, "--run", run, "--images", str(images), "--out", str(out)]) == 0
+        with open(out, newline="") as f:
+            outs.append([{k: v for k, v in row.items() if k != "path"} for row in csv.DictReader(f)])
+    assert outs[0] == outs[1] and outs[0]
+
+
 def test_help_documents_every_flag(capsys):
     assert_help_documents_every_flag(main, build_parser, capsys)
