@@ -147,6 +147,8 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
     from sweeps.tracking import MlflowTrials, trial_id_of
 
     started = started or time.time()
+    if opened is None:  # a trainable of one's own: refused before the sweep opens, if it cannot resume
+        driver.check_resumable(plan.space, trainable or driver.trainable)
     folder, tracker = opened or open_sweep(plan)
     sweep_dir = folder.local
     print(f"Sweep {plan.name}: space {plan.space.name}, {plan.trials} trials, "
