@@ -134,11 +134,11 @@ def load_best(tracking_uri: str, run: str) -> BestModel:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if run.startswith("models:/"):
-        from sweeps.registry import model_version
+        from sweeps.registry import TAG_VERSION_SWEEP, model_version
 
         version = model_version(client, tracking_uri, run)
         run_id, uri = version.run_id, run
-        sweep = version.tags.get("sweep") or run
+        sweep = version.tags.get(TAG_VERSION_SWEEP) or run
         # Where the version's files are, resolved by this client: MLflow's models:/ download
         # would ask the default registry (./mlflow.db), not --tracking-uri's.
         source = client.get_model_version_download_uri(version.name, version.version)

@@ -19,7 +19,7 @@ from sweeps.uris import redact
 ARTIFACT_PATH = "model"
 
 CHAMPION = "champion"
-TAG_PARENT, TAG_FINGERPRINT, TAG_VAL_ACC, TAG_SWEEP = "parent_run_id", "dataset_fingerprint", "val_acc", "sweep"
+TAG_PARENT, TAG_FINGERPRINT, TAG_VAL_ACC, TAG_VERSION_SWEEP = "parent_run_id", "dataset_fingerprint", "val_acc", "sweep"
 # Stores whose registry lives in the same database as the runs.
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")
@@ -64,7 +64,7 @@ def register(tracking_uri: str, name: str, parent_run_id: str, fingerprint: str,
         if e.error_code != "RESOURCE_ALREADY_EXISTS":
             raise
     tags = {TAG_PARENT: parent_run_id, TAG_FINGERPRINT: fingerprint, TAG_VAL_ACC: repr(float(val_acc)),
-            TAG_SWEEP: sweep}
+            TAG_VERSION_SWEEP: sweep}
     version = client.create_model_version(name, f"runs:/{parent_run_id}/{ARTIFACT_PATH}", run_id=parent_run_id,
                                           tags=tags).version
     log(f"Registered the best model as {name} version {version} (models:/{name}/{version})")

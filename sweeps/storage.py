@@ -136,7 +136,9 @@ class SweepFolder:
 def scratch_root() -> Path:
     """Where the driver keeps a remote sweep's files until they are published: the user's
     ftsweep cache (``FTSWEEP_CACHE``), readable by its owner only."""
-    return Path(os.environ.get("FTSWEEP_CACHE", Path.home() / ".cache" / "ftsweep")) / "sweeps"
+    from trainables.demo import cache_root
+
+    return cache_root() / "sweeps"
 
 
 def trial_inputs(plan) -> dict[str, str]:

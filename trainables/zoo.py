@@ -42,6 +42,6 @@ def check_model_name(name: str) -> None:
     hint = (
         f"close matches: {', '.join(close)}"
         if close
-        else "list them with: python -c 'import trainables.models as m; print(m.classification_models())'"
+        else "list them with: python -c 'import trainables.zoo as z; print(z.classification_models())'"
     )
     raise ModelError(f"unknown model {name!r}; {hint}")
