@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sweeps import storage  # noqa: E402
 from sweeps.writer import Writer  # noqa: E402
 
 SPOOL = "mlflow_pending.jsonl"
@@ -47,9 +48,17 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     from mlflow.tracking import MlflowClient
 
-    write = Writer(MlflowClient(uri), spool)
-    total = write.load_spool()
-    sent = write.flush()
+    try:  # a driver running or resuming this sweep sends these writes itself: never both
+        claim = storage.SweepFolder(str(folder), resume=True)
+    except storage.SweepTaken as e:
+        print(f"error: {folder}: {e}; its driver sends the pending writes", file=sys.stderr)
+        return 2
+    try:
+        write = Writer(MlflowClient(uri), spool)
+        total = write.load_spool()
+        sent = write.flush()
+    finally:
+        claim.close()
     left = len(write.queue)
     print(f"Sent {total - left} of {total} pending MLflow writes to {uri}")
     if not sent:

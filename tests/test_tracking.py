@@ -296,6 +296,13 @@ def test_flush_command_sends_only_the_pending_writes(tmp_path, capsys, monkeypat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert main([str(sweep), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 1
     assert len(spool.read_text().splitlines()) == 3  # nothing acknowledged, nothing removed
+    from sweeps import storage
+
+    driver = storage.SweepFolder(str(sweep), resume=True)  # a driver resuming the sweep holds it
+    assert main([str(sweep), "--tracking-uri", uri]) == 2
+    assert "its driver sends the pending writes" in capsys.readouterr().err
+    assert len(spool.read_text().splitlines()) == 3
+    driver.close()
     assert main([str(sweep), "--tracking-uri", uri]) == 0
     assert "Sent 3 of 3" in capsys.readouterr().out and not spool.exists()
     (run,) = real.search_runs([exp])
