@@ -149,7 +149,7 @@ def requirements() -> list[str]:
 
 def save(best_dir: Path, out: Path) -> Path:
     """Write the MLflow Model of the checkpoint in ``best_dir`` (``model.pt``, ``meta.json``)
-    to the folder ``out``, replacing what is there: a reader sees the old one or the new one."""
+    to the folder ``out``, replacing what is there by renames (``storage.replace_dir``)."""
     meta = json.loads((best_dir / "meta.json").read_text())
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".mlflow-model-") as tmp:
@@ -169,11 +169,9 @@ def save(best_dir: Path, out: Path) -> Path:
             metadata={"classes": list(meta["classes"]), "image_size": int(meta["image_size"]),
                       "model": meta["model"], "val_acc": meta["val_acc"], "mean": meta["mean"],
                       "std": meta["std"], "decode_size": decode_size(int(meta["image_size"]))})
-        old = out.with_name(f".old-{out.name}")
-        if out.exists():
-            os.replace(out, old)
-        os.replace(saved, out)
-        shutil.rmtree(old, ignore_errors=True)
+        from sweeps.storage import replace_dir  # at save time only: the served model ships without it
+
+        replace_dir(saved, out)
     return out
 
 

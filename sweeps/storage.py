@@ -133,6 +133,18 @@ class SweepFolder:
                 shutil.rmtree(self.local, ignore_errors=True)
 
 
+def replace_dir(new: Path, out: Path) -> None:
+    """Put the folder ``new`` in the place of ``out`` (on the same file system) by renames:
+    a reader sees the old folder whole or the new one whole (or, between the two renames,
+    none), never half of one. What ``out`` held goes."""
+    old = out.with_name(f".old-{out.name}")
+    shutil.rmtree(old, ignore_errors=True)  # left by a crash between the renames
+    if out.exists():
+        os.replace(out, old)
+    os.replace(new, out)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def scratch_root() -> Path:
     """Where the driver keeps a remote sweep's files until they are published: the user's
     ftsweep cache (``FTSWEEP_CACHE``), readable by its owner only."""

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from sweeps import schedulers
+from sweeps.storage import replace_dir
 from sweeps.tracking import OUTCOMES, outcome_of, redact, trial_budget, trial_id_of
 
 METRIC, MODE = "val_acc", "max"
@@ -68,7 +69,7 @@ def best_trial(results):
 
 def export_best(checkpoint, out_dir: Path) -> dict:
     """Write ``best/model.pt`` (a plain torchvision state_dict) and ``best/meta.json``,
-    atomically: a reader sees the old pair or the new one, never half of one."""
+    by renames (``storage.replace_dir``): never half of one pair and half of the other."""
     with checkpoint.as_directory() as src:
         ckpt = torch.load(Path(src) / "checkpoint.pt", map_location="cpu", weights_only=True)
     meta = {"model": ckpt["config"]["model"], "classes": ckpt["classes"],
@@ -79,15 +80,7 @@ def export_best(checkpoint, out_dir: Path) -> dict:
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=".best-"))
     torch.save(ckpt["model"], tmp / "model.pt")
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    if out_dir.exists():
-        old = out_dir.with_name(f".old-{out_dir.name}")
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        for f in old.iterdir():
-            f.unlink()
-        old.rmdir()
-    else:
-        os.replace(tmp, out_dir)
+    replace_dir(tmp, out_dir)
     return meta
 
 

@@ -96,6 +96,15 @@ def write_image_folder(root: Path, classes=("cat", "dog"), per_class: int = 6, s
 
 
 @pytest.fixture
+def mlflow_env(monkeypatch):
+    """predict/export main() and load_best set these MLflow variables for their process;
+    undo them after each test."""
+    for name, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
+                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")]:
+        monkeypatch.setenv(name, value)
+
+
+@pytest.fixture
 def image_folder(tmp_path) -> Path:
     return write_image_folder(tmp_path / "images")
 

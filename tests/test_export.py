@@ -16,7 +16,7 @@ from sweeps.export import build_parser, main
 
 from conftest import ROOT, assert_help_documents_every_flag, free_port, small_sweep
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mlflow_env")]
 EXPORT = [sys.executable, str(ROOT / "sweeps" / "export.py")]
 
 
@@ -36,14 +36,6 @@ def checkpoint(sweep, tmp_path_factory):
     model = get_model(meta["model"], num_classes=len(meta["classes"]))
     model.load_state_dict(torch.load(best / "model.pt", weights_only=True))
     return model.eval(), meta
-
-
-@pytest.fixture(autouse=True)
-def mlflow_env(monkeypatch):
-    """main() sets these MLflow variables for its process; undo them after each test."""
-    for name, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
-                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")]:
-        monkeypatch.setenv(name, value)
 
 
 def inputs(meta: dict, n: int = 3) -> torch.Tensor:

@@ -22,6 +22,8 @@ from conftest import write_image_folder
 
 CLASSES = ["cat", "dog", "fox"]
 
+pytestmark = pytest.mark.usefixtures("mlflow_env")
+
 
 def tiny_best(folder: Path, seed: int = 0, val_acc: float = 0.5) -> Path:
     """``best/`` as a sweep writes it (model.pt, meta.json) for an untrained torchvision model."""
@@ -73,14 +75,6 @@ def store(tmp_path_factory):
 def images(tmp_path_factory) -> list[Path]:
     root = write_image_folder(tmp_path_factory.mktemp("imgs") / "images", classes=("a", "b", "c"), per_class=3)
     return sorted(p for p in root.rglob("*") if p.is_file())
-
-
-@pytest.fixture(autouse=True)
-def mlflow_env(monkeypatch):
-    """predict.main sets these MLflow variables for its process; undo them after each test."""
-    for name, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
-                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")]:
-        monkeypatch.setenv(name, value)
 
 
 def predict_csv(uri: str, run: str, images: list[Path], out: Path) -> dict[str, dict[str, float]]:

@@ -17,7 +17,7 @@ from trainables.data import scan
 
 from conftest import ROOT, assert_help_documents_every_flag, free_port, small_sweep
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mlflow_env")]
 PREDICT = [sys.executable, str(ROOT / "sweeps" / "predict.py")]
 
 
@@ -25,14 +25,6 @@ PREDICT = [sys.executable, str(ROOT / "sweeps" / "predict.py")]
 def sweep(cache_dir, tmp_path_factory):
     """One smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
     return small_sweep("predict-test", tmp_path_factory)
-
-
-@pytest.fixture(autouse=True)
-def mlflow_env(monkeypatch):
-    """main() sets these MLflow variables for its process; undo them after each test."""
-    for name, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
-                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")]:
-        monkeypatch.setenv(name, value)
 
 
 def val_tree(root: Path, seed: int) -> int:

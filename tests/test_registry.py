@@ -13,15 +13,7 @@ from sweeps.run import main as run_main
 
 from conftest import run_sweep, write_image_folder
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def mlflow_env(monkeypatch):
-    """predict/export main() set these MLflow variables for its process; undo them after each test."""
-    for name, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
-                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")]:
-        monkeypatch.setenv(name, value)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mlflow_env")]
 
 
 def champion_moves_only_to_better_on_the_same_data(uri, tmp_path, capsys):

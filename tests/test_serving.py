@@ -17,15 +17,7 @@ from sweeps import registry
 
 from conftest import free_port, stop_group, wait_http, write_image_folder
 
-pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(autouse=True)
-def mlflow_env(monkeypatch):
-    """predict.main sets these MLflow variables for its process; undo them after each test."""
-    for name, value in [("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"), ("MLFLOW_HTTP_REQUEST_TIMEOUT", "30"),
-                        ("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")]:
-        monkeypatch.setenv(name, value)
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mlflow_env")]
 
 
 def post(url: str, body: dict) -> tuple[int, dict]:
