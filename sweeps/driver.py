@@ -8,6 +8,7 @@ import os
 
 import ray
 from ray import tune
+from ray.tune.execution import class_cache
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
@@ -17,6 +18,13 @@ from sweeps.progress import LiveStatus
 from sweeps.ray_session import init_ray  # noqa: F401 - sweeps.driver.init_ray, as callers know it
 from sweeps.tracking import OBJECTIVE
 from trainables.ray_trial import trainable
+
+# Tune gives every trial actor the runtime env {"PL_DISABLE_FORK": "1"}, meant for PyTorch
+# Lightning, which trials do not use. A runtime env unlike the job's sends each trial's
+# worker through Ray's runtime-env set-up (one more Python process to start, about 0.7
+# CPU-s) instead of onto a worker Ray prestarted for the job with the trial's modules
+# already imported (sweeps.ray_session.init_ray).
+class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
 
 # Checkpoints are scored by their own epoch's val_acc; trials are judged (TPE, ASHA) by
 # OBJECTIVE, their best val_acc so far, the number the summary and report rank them by.

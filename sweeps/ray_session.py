@@ -9,9 +9,14 @@ import os
 import ray
 
 
-def init_ray(address: str | None, num_cpus: int | None = None) -> None:
+def init_ray(address: str | None, num_cpus: int | None = None, lanes: int | None = None) -> None:
     """Join ``address`` (inside a Ray job, $RAY_ADDRESS) or start Ray on this machine,
-    declaring ``num_cpus`` CPUs (default: the machine's)."""
+    declaring ``num_cpus`` CPUs (default: the machine's).
+
+    With ``lanes`` (trials that will run at once), a local Ray prestarts that many workers,
+    which import the trial's modules while the driver still checks the data and opens the
+    sweep's MLflow run; the first trials' actors then start on workers ready to train.
+    """
     if ray.is_initialized():
         return
     # The table of trials is the progress display; Tune's per-result boxes and snapshot
@@ -24,4 +29,8 @@ def init_ray(address: str | None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
+        from trainables.ray_trial import TRIAL_MODULES  # Ray Tune, torch, torchvision
+
+        preload = {"preload_python_modules": list(TRIAL_MODULES), "num_workers_soft_limit": lanes} if lanes else {}
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
+                 _system_config=preload)

@@ -83,7 +83,7 @@ def plan_and_join_ray(args):
         decided.wait()
         if not passed:
             return planning.result()  # raises the quick check's UsageError: Ray never started
-        init_ray(None)
+        init_ray(None, lanes=_lanes(args))
         return planning.result()
     except BaseException:
         cancelled.set()
@@ -98,6 +98,14 @@ def plan_and_join_ray(args):
         raise
     finally:
         pool.shutdown(wait=False)
+
+
+def _lanes(args) -> int:
+    """Trials this machine runs at once, as its CPUs allow (GPUs are counted later)."""
+    from ray._private.utils import get_num_cpus  # the CPUs a local Ray declares
+
+    fit = max(1, int(get_num_cpus() // args.cpus_per_trial))
+    return min(fit, args.max_concurrent) if args.max_concurrent else fit
 
 
 def open_sweep(plan):

@@ -541,7 +541,7 @@ def test_ctrl_c_or_a_failed_ray_start_while_the_checks_run_opens_no_sweep(in_tmp
         time.sleep(1)
         return "plan"
 
-    def ray_start(address):
+    def ray_start(address, **options):
         raise fault("Ray did not start")
 
     monkeypatch.setattr(sweeps.run, "prepare", slow_checks)

@@ -15,10 +15,15 @@ from ray import tune
 
 from trainables import demo
 from trainables.data import DataHandle
-from trainables.train import CHECKPOINT_FILE, run_trial
+
+# The worker runs these; the driver, which hands ``trainable`` to Ray Tune, need not import
+# torch for it. Ray's workers import them before the trial starts (sweeps.ray_session).
+TRIAL_MODULES = ("trainables.ray_trial", "trainables.train")
 
 
 def trainable(config: dict, data: DataHandle) -> None:
+    from trainables.train import CHECKPOINT_FILE, run_trial
+
     started_at = time.time()
     resources = ray.get_runtime_context().get_assigned_resources()
     threads = max(1, int(resources.get("CPU", 1)))
