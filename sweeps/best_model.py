@@ -20,13 +20,16 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-from torch import nn
 
 from sweeps.plan import UsageError
 from sweeps.tracking import TAG_ROLE, TAG_SWEEP, check_tracking_uri, redact
 from trainables.data import decode_for, decode_size
+
+if TYPE_CHECKING:
+    from torch import nn
 
 BEST_DIR = "best"
 BEST_FILES = ("model.pt", "meta.json")  # the plain state_dict and what it is, for torchvision users

@@ -113,9 +113,9 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
         check_registry(args.tracking_uri, args.register)
     checked()
 
+    from sweeps import model_check
     from sweeps.tracking import sweep_inputs
     from trainables.data import DataHandle, scan
-    from trainables.models import build_model, normalization
 
     _check_frozen_depth(space, model)
     _check_gpus(args)
@@ -123,12 +123,11 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     root = demo.transfer_folder() if is_demo else Path(args.data).expanduser()
     dataset = scan(root, val_fraction=args.val_fraction, seed=args.split_seed)
     weights = args.weights or fixed.get("weights") or ("demo" if is_demo else cfg.weights)
-    mean, std = normalization(model, weights if weights == "imagenet" else "none")
     if weights == "demo":
         weights = str(demo.pretrained_backbone(model, cfg.image_size, log=log))
     # Fail now, not in every trial, when the weights are missing or do not fit the model,
     # or the model does not take this image size (ViT's patch grid is fixed).
-    _check_input_size(build_model(model, len(dataset.classes), weights), model, cfg.image_size)
+    mean, std = model_check.check(model, len(dataset.classes), weights, cfg.image_size)
     space = space.override(weights=weights)
     storage = args.storage if "://" in args.storage else str(Path(args.storage).resolve())
     label = "digits5-9" if is_demo else root.name
@@ -221,23 +220,13 @@ def _seed(flag: int | None, set_value, space: Space) -> int:
     return flag if flag is not None else set_value if set_value is not None else space.seed
 
 
-def _check_input_size(net, model: str, size: int) -> None:
-    import torch
-
-    try:
-        with torch.no_grad():
-            net.eval()(torch.zeros(1, 3, size, size))
-    except (RuntimeError, ValueError, AssertionError) as e:
-        raise UsageError(f"{model} does not accept {size}x{size} images (--image-size): {e}") from None
-
-
 def _check_frozen_depth(space: Space, model: str) -> None:
     param = space.search.get("frozen_depth")
     deepest = int(param.high if param and param.type != "choice"
                   else max(param.values) if param else space.config().frozen_depth)
     if deepest == 0:
         return
-    from trainables.models import num_stages
+    from sweeps.model_check import stages as num_stages
 
     stages = num_stages(model)
     if deepest > stages:

@@ -8,8 +8,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from sweeps import schedulers
 from sweeps.storage import replace_dir
 from sweeps.tracking import OUTCOMES, outcome_of, redact, trial_budget, trial_id_of
@@ -70,6 +68,8 @@ def best_trial(results):
 def export_best(checkpoint, out_dir: Path) -> dict:
     """Write ``best/model.pt`` (a plain torchvision state_dict) and ``best/meta.json``,
     by renames (``storage.replace_dir``): never half of one pair and half of the other."""
+    import torch  # here, not at the top: the driver starts its trials without importing torch
+
     with checkpoint.as_directory() as src:
         ckpt = torch.load(Path(src) / "checkpoint.pt", map_location="cpu", weights_only=True)
     meta = {"model": ckpt["config"]["model"], "classes": ckpt["classes"],

@@ -25,19 +25,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-CROP_RATIO = 0.875  # torchvision's classification reference: resize 256, crop 224
+from trainables.data import CROP_RATIO, crop_size, decode_size  # noqa: F401 - the cache's geometry, also ours
+
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range, as torchvision's default
-
-
-def decode_size(image_size: int) -> int:
-    """The short side images are decoded to for a model input of ``image_size``."""
-    return round(image_size / CROP_RATIO)
-
-
-def crop_size(decoded: int) -> int:
-    """The ``image_size`` whose decode size is ``decoded``: ``decode_size`` grows by more
-    than 1 per step of 1, so its inverse is unique (|rounding error| * 0.875 < 0.5)."""
-    return round(decoded * CROP_RATIO)
 
 
 class HostBatch(NamedTuple):

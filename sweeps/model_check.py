@@ -1,0 +1,121 @@
+"""The model checks a sweep makes before it starts, remembered once they passed.
+
+Checking a model (does it build with these weights, take this image size, how many
+stages has it, which mean and std does it expect) needs torch and torchvision: about 3.5
+CPU-seconds of imports, spent while Ray prestarts the trials' workers, which import the
+same modules. The answer depends only on what ``_key`` names: the model, the class count,
+the image size, the weights file (path, size and modification time; for ImageNet weights,
+the torch hub cache's files), the installed torch and torchvision, and this project's
+model code. So a check that passed is kept in ``$FTSWEEP_CACHE/checks/models.json``, and a
+sweep that asks the same question again takes the answer without importing torch. A check
+that failed is never kept. Should a kept answer ever be wrong, the trial, which builds its
+model anyway, stops with the same error.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+from trainables import demo
+
+CODE = ("trainables.models", "trainables.zoo")  # the modules whose code decides the answers
+
+
+def stages(model: str) -> int:
+    """How many stages ``model`` has (frozen_depth 0..stages)."""
+
+    def build() -> dict:
+        from trainables.models import num_stages
+
+        return {"stages": num_stages(model)}
+
+    return _remembered(_key("stages", model), build)["stages"]
+
+
+def check(model: str, num_classes: int, weights: str, image_size: int) -> tuple[tuple, tuple]:
+    """Fail (``ModelError``) when ``model`` does not build with ``weights`` and a
+    ``num_classes`` head, or does not take ``image_size`` pixels (ViT's patch grid is
+    fixed); else its input (mean, std)."""
+
+    def build() -> dict:
+        import torch
+
+        from trainables.models import ModelError, build_model, normalization
+
+        net = build_model(model, num_classes, weights)
+        try:
+            with torch.no_grad():
+                net.eval()(torch.zeros(1, 3, image_size, image_size))
+        except (RuntimeError, ValueError, AssertionError) as e:
+            raise ModelError(f"{model} does not accept {image_size}x{image_size} images "
+                             f"(--image-size): {e}") from None
+        mean, std = normalization(model, "imagenet" if weights == "imagenet" else "none")
+        return {"mean": list(mean), "std": list(std)}
+
+    facts = _remembered(_key("check", model, num_classes, image_size, _weights_id(weights)), build)
+    return tuple(facts["mean"]), tuple(facts["std"])
+
+
+def _remembered(key: str, build) -> dict:
+    path = demo.cache_root() / "checks" / "models.json"
+    known = _read(path)
+    if key in known:
+        return known[key]
+    facts = build()  # raises when the check fails: nothing is kept
+    with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next sweep time
+        path.parent.mkdir(parents=True, exist_ok=True)
+        known = {**_read(path), key: facts}  # re-read: another sweep may have added its own
+        tmp = path.with_name(f".{path.name}.{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        os.replace(tmp, path)
+    return facts
+
+
+def _read(path: Path) -> dict:
+    try:
+        known = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet, or damaged: check again
+        return {}
+    return known if isinstance(known, dict) else {}
+
+
+def _key(*parts) -> str:
+    versions = [importlib.metadata.version(d) for d in ("torch", "torchvision")]
+    code = hashlib.sha256()
+    for module in CODE:
+        code.update(Path(importlib.util.find_spec(module).origin).read_bytes())
+    return json.dumps([*parts, versions, code.hexdigest()[:16]])
+
+
+def _weights_id(weights: str) -> list:
+    """What the weights are, down to the file: for ImageNet weights, every file in the
+    torch hub cache, where torchvision looks for (and would download) them."""
+    if weights == "none":
+        return ["none"]
+    if weights == "imagenet":
+        files = _hub_dir() / "checkpoints"
+        with contextlib.suppress(OSError):
+            return ["imagenet", sorted(_stat(f) for f in files.iterdir())]
+        return ["imagenet", None]
+    return ["file", _stat(Path(weights))]
+
+
+def _stat(path: Path) -> list:
+    try:
+        st = path.resolve().stat()
+    except OSError:
+        return [str(path), None]
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _hub_dir() -> Path:
+    """``torch.hub.get_dir()``, without importing torch."""
+    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
+    return Path(os.path.expanduser(torch_home)) / "hub"
