@@ -292,9 +292,9 @@ def serve(answer_fd: str) -> int:
     """The child: read the tracking URI, the spool and what is queued from the first line of
     stdin, then writes, one per line; send them, and at end of input send the rest and write
     ``{"run_ids", "queue", "last_error"}`` to the pipe ``answer_fd``."""
+    os.nice(WRITER_NICENESS)  # first: importing MLflow (2 CPU-s) must not slow the trials' start
     from mlflow.tracking import MlflowClient
 
-    os.nice(WRITER_NICENESS)
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()
 
     def read() -> None:
