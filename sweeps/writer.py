@@ -31,10 +31,12 @@ BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
 MERGE_LOOKBACK = 64  # queued writes searched for a batch of the same run to merge into
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_BYTES = 1 << 20
-# Training and Tune's controller loop come first; the writer gets about a tenth of a busy
-# core's time. Its backlog stays small (queued batches of one run merge), and at the end of
-# the sweep, with the machine idle, it catches up at full speed while the driver waits.
-WRITER_NICENESS = 10
+# Training and Tune's controller loop come first. Ray runs its workers, the trials, at
+# niceness 15 (its worker_niceness); the writer goes below them, at the lowest priority,
+# and gets about a sixth of a core beside two busy trials. Its backlog stays small (queued
+# batches of one run merge), and at the end of the sweep, with the machine idle, it
+# catches up at full speed while the driver waits.
+WRITER_NICENESS = 19
 # Writes are gathered until they pause for QUIET_S, or for at most MAX_DELAY_S: a burst,
 # such as a trial's start, parameters, epochs and end, merges into fewer calls, sent after
 # the burst instead of competing with it for the CPU.
