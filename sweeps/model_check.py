@@ -5,8 +5,8 @@ stages has it, which mean and std does it expect) needs torch and torchvision: a
 CPU-seconds of imports, spent while Ray prestarts the trials' workers, which import the
 same modules. The answer depends only on what ``_key`` names: the model, the class count,
 the image size, the weights file (path, size and modification time; for ImageNet weights,
-the torch hub cache's files), the installed torch and torchvision, and this project's
-model code. So a check that passed is kept in ``$FTSWEEP_CACHE/checks/models.json``, and a
+the file torchvision loaded from torch's hub folder), the installed torch and torchvision,
+and this project's model code. So a check that passed is kept in ``$FTSWEEP_CACHE/checks/models.json``, and a
 sweep that asks the same question again takes the answer without importing torch. A check
 that failed is never kept. Should a kept answer ever be wrong, the trial, which builds its
 model anyway, stops with the same error.
@@ -14,7 +14,6 @@ model anyway, stops with the same error.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -46,7 +45,7 @@ def check(model: str, num_classes: int, weights: str, image_size: int) -> tuple[
     def build() -> dict:
         import torch
 
-        from trainables.models import ModelError, build_model, normalization
+        from trainables.models import ModelError, build_model, imagenet_file, normalization
 
         net = build_model(model, num_classes, weights)
         try:
@@ -56,24 +55,36 @@ def check(model: str, num_classes: int, weights: str, image_size: int) -> tuple[
             raise ModelError(f"{model} does not accept {image_size}x{image_size} images "
                              f"(--image-size): {e}") from None
         mean, std = normalization(model, "imagenet" if weights == "imagenet" else "none")
-        return {"mean": list(mean), "std": list(std)}
+        # ImageNet weights: the very file torchvision loaded; the answer holds while it does
+        used = _stat(imagenet_file(model)) if weights == "imagenet" else None
+        return {"mean": list(mean), "std": list(std), "weights_file": used}
 
-    facts = _remembered(_key("check", model, num_classes, image_size, _weights_id(weights)), build)
+    def holds(facts: dict) -> bool:
+        used = facts.get("weights_file")
+        return used is None or _stat(Path(used[0])) == used
+
+    key = _key("check", model, num_classes, image_size, _weights_id(weights))
+    facts = _remembered(key, build, holds)
     return tuple(facts["mean"]), tuple(facts["std"])
 
 
-def _remembered(key: str, build) -> dict:
+def _remembered(key: str, build, holds=lambda facts: True) -> dict:
     path = demo.cache_root() / "checks" / "models.json"
     known = _read(path)
-    if key in known:
+    if key in known and holds(known[key]):
         return known[key]
     facts = build()  # raises when the check fails: nothing is kept
-    with contextlib.suppress(OSError):  # a cache that cannot be written only costs the next sweep time
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:  # a cache that cannot be written only costs the next sweep time
         path.parent.mkdir(parents=True, exist_ok=True)
-        known = {**_read(path), key: facts}  # re-read: another sweep may have added its own
-        tmp = path.with_name(f".{path.name}.{os.getpid()}")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+        # Re-read (another sweep may have added its own), and forget the answers of other
+        # torch versions or model code: they can never be asked again.
+        current = json.loads(key)[-2:]
+        known = {k: v for k, v in _read(path).items() if json.loads(k)[-2:] == current}
+        tmp.write_text(json.dumps({**known, key: facts}, indent=1, sort_keys=True))
         os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
     return facts
 
 
@@ -94,15 +105,10 @@ def _key(*parts) -> str:
 
 
 def _weights_id(weights: str) -> list:
-    """What the weights are, down to the file: for ImageNet weights, every file in the
-    torch hub cache, where torchvision looks for (and would download) them."""
-    if weights == "none":
-        return ["none"]
-    if weights == "imagenet":
-        files = _hub_dir() / "checkpoints"
-        with contextlib.suppress(OSError):
-            return ["imagenet", sorted(_stat(f) for f in files.iterdir())]
-        return ["imagenet", None]
+    """What the weights are, down to the file (ImageNet weights: torch's hub folder, where
+    torchvision looks for them; the answer names the file it loaded)."""
+    if weights in ("none", "imagenet"):
+        return [weights, str(_hub_dir()) if weights == "imagenet" else None]
     return ["file", _stat(Path(weights))]
 
 
@@ -116,6 +122,6 @@ def _stat(path: Path) -> list:
 
 def _hub_dir() -> Path:
     """``torch.hub.get_dir()``, without importing torch."""
-    torch_home = os.environ.get("TORCH_HOME") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "torch")
-    return Path(os.path.expanduser(torch_home)) / "hub"
+    torch_home = os.path.expanduser(os.getenv("TORCH_HOME", os.path.join(os.getenv("XDG_CACHE_HOME", "~/.cache"),
+                                                                         "torch")))
+    return Path(torch_home) / "hub"

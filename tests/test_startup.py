@@ -49,7 +49,8 @@ def test_a_failed_model_check_is_not_kept(tmp_path, monkeypatch):
     with pytest.raises(ValueError, match=r"vit_b_16 does not accept 64x64 images \(--image-size\)"):
         model_check.check("vit_b_16", 3, "none", 64)
     assert not (tmp_path / "checks" / "models.json").exists()
-    assert model_check.check("resnet18", 3, "none", 64) == model_check.check("resnet18", 3, "none", 64)
+    imagenet = ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    assert model_check.check("resnet18", 3, "none", 64) == imagenet
     assert len(json.loads((tmp_path / "checks" / "models.json").read_text())) == 1
 
 
@@ -62,10 +63,26 @@ def test_a_changed_weights_file_is_checked_again(tmp_path, monkeypatch):
     weights = tmp_path / "w.pt"
     torch.save(build_model("resnet18", 3, "none").state_dict(), weights)
     model_check.check("resnet18", 3, str(weights), 32)
-    time.sleep(0.01)  # a new modification time, whatever the file system's resolution
     torch.save({"conv1.weight": torch.zeros(1)}, weights)
     with pytest.raises(ValueError, match="w.pt"):
         model_check.check("resnet18", 3, str(weights), 32)
+
+
+def test_a_remembered_imagenet_check_holds_only_while_its_weights_file_does(tmp_path, monkeypatch):
+    """ImageNet weights come from torch's hub folder: once the file the check loaded is
+    gone, the check runs again (and, offline, fails) instead of answering from memory."""
+    from trainables.models import build_model, imagenet_file
+
+    monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    file = imagenet_file("resnet18")
+    file.parent.mkdir(parents=True)
+    torch.save(build_model("resnet18", 1000, "none").state_dict(), file)  # stands in for the download
+    model_check.check("resnet18", 3, "imagenet", 32)
+    file.unlink()
+    monkeypatch.setattr("torch.hub.download_url_to_file", lambda *a, **k: (_ for _ in ()).throw(OSError("offline")))
+    with pytest.raises(ValueError, match="offline"):
+        model_check.check("resnet18", 3, "imagenet", 32)
 
 
 def test_a_too_small_image_size_still_stops_the_sweep_before_it_starts(tmp_path, monkeypatch):

@@ -74,11 +74,15 @@ def _head(model: nn.Module) -> tuple[str, nn.Linear]:
     return [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
+def imagenet_file(name: str) -> Path:
+    """Where torch.hub.load_state_dict_from_url keeps ``name``'s ImageNet weights."""
+    url = get_model_weights(name).DEFAULT.url
+    return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(url).path)
+
+
 def _imagenet_model(name: str) -> nn.Module:
     weights = get_model_weights(name).DEFAULT
-    # Where torch.hub.load_state_dict_from_url looks, so the message can name it.
-    file_name = os.path.basename(urlparse(weights.url).path)
-    cached = Path(torch.hub.get_dir()) / "checkpoints" / file_name
+    cached = imagenet_file(name)  # named in the message
     timeout = None if cached.exists() else DOWNLOAD_TIMEOUT_S
     try:
         with _socket_timeout(timeout):
