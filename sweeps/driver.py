@@ -23,7 +23,8 @@ from trainables.ray_trial import trainable
 # Lightning, which trials do not use. A runtime env unlike the job's sends each trial's
 # worker through Ray's runtime-env set-up (one more Python process to start, about 0.7
 # CPU-s) instead of onto a worker Ray prestarted for the job with the trial's modules
-# already imported (sweeps.ray_session.init_ray).
+# already imported (sweeps.ray_session.init_ray). (Tune also passes on AWS_* and some Ray
+# Train variables when the driver has them: then the trials start on new workers.)
 class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
 
 # Checkpoints are scored by their own epoch's val_acc; trials are judged (TPE, ASHA) by

@@ -8,6 +8,10 @@ import os
 
 import ray
 
+# What a trial's worker imports before it trains: Ray Tune, torch, torchvision
+# (trainables.ray_trial imports trainables.train only when the trial starts).
+TRIAL_MODULES = ("trainables.ray_trial", "trainables.train")
+
 
 def init_ray(address: str | None, num_cpus: int | None = None, lanes: int | None = None) -> None:
     """Join ``address`` (inside a Ray job, $RAY_ADDRESS) or start Ray on this machine,
@@ -29,8 +33,6 @@ def init_ray(address: str | None, num_cpus: int | None = None, lanes: int | None
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        from trainables.ray_trial import TRIAL_MODULES  # Ray Tune, torch, torchvision
-
         preload = {"preload_python_modules": list(TRIAL_MODULES), "num_workers_soft_limit": lanes} if lanes else {}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  _system_config=preload)

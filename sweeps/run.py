@@ -101,11 +101,12 @@ def plan_and_join_ray(args):
 
 
 def _lanes(args) -> int:
-    """Trials this machine runs at once, as its CPUs allow (GPUs are counted later)."""
+    """Trials this machine runs at once as its CPUs allow, at most --max-concurrent and
+    --trials (GPUs are counted later: this only sizes the workers Ray prestarts)."""
     from ray._private.utils import get_num_cpus  # the CPUs a local Ray declares
 
     fit = max(1, int(get_num_cpus() // args.cpus_per_trial))
-    return min(fit, args.max_concurrent) if args.max_concurrent else fit
+    return min(fit, args.max_concurrent or fit, args.trials or fit)
 
 
 def open_sweep(plan):

@@ -16,12 +16,10 @@ from ray import tune
 from trainables import demo
 from trainables.data import DataHandle
 
-# The worker runs these; the driver, which hands ``trainable`` to Ray Tune, need not import
-# torch for it. Ray's workers import them before the trial starts (sweeps.ray_session).
-TRIAL_MODULES = ("trainables.ray_trial", "trainables.train")
-
 
 def trainable(config: dict, data: DataHandle) -> None:
+    # Here, not at the top: the driver hands ``trainable`` to Ray Tune without importing
+    # torch; Ray's prestarted workers have imported it already (sweeps.ray_session).
     from trainables.train import CHECKPOINT_FILE, run_trial
 
     started_at = time.time()
