@@ -14,6 +14,7 @@ model anyway, stops with the same error.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -84,7 +85,8 @@ def _remembered(key: str, build, holds=lambda facts: True) -> dict:
         tmp.write_text(json.dumps({**known, key: facts}, indent=1, sort_keys=True))
         os.replace(tmp, path)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a cache path that is not a folder has no temp file either
+            tmp.unlink(missing_ok=True)
     return facts
 
 
