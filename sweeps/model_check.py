@@ -6,15 +6,16 @@ CPU-seconds of imports, spent while Ray prestarts the trials' workers, which imp
 same modules. The answer depends only on what ``_key`` names: the model, the class count,
 the image size, the weights file (path, size and modification time; for ImageNet weights,
 the file torchvision loaded from torch's hub folder), the installed torch and torchvision,
-and this project's model code. So a check that passed is kept in ``$FTSWEEP_CACHE/checks/models.json``, and a
-sweep that asks the same question again takes the answer without importing torch. A check
-that failed is never kept. Should a kept answer ever be wrong, the trial, which builds its
-model anyway, stops with the same error.
+and this project's model code. So a check that passed is kept in
+``$FTSWEEP_CACHE/checks/models.json``, and a sweep that asks the same question again takes
+the answer without importing torch. A check that failed is never kept. Should a kept
+answer ever be wrong, the trial, which builds its model anyway, stops with the same error.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -80,7 +81,7 @@ def _remembered(key: str, build, holds=lambda facts: True) -> dict:
         path.parent.mkdir(parents=True, exist_ok=True)
         # Re-read (another sweep may have added its own), and forget the answers of other
         # torch versions or model code: they can never be asked again.
-        current = json.loads(key)[-2:]
+        current = list(_installed())
         known = {k: v for k, v in _read(path).items() if json.loads(k)[-2:] == current}
         tmp.write_text(json.dumps({**known, key: facts}, indent=1, sort_keys=True))
         os.replace(tmp, path)
@@ -99,11 +100,17 @@ def _read(path: Path) -> dict:
 
 
 def _key(*parts) -> str:
+    return json.dumps([*parts, *_installed()])
+
+
+@functools.cache
+def _installed() -> tuple[list, str]:
+    """The torch and torchvision versions, and a hash of the model code: read once."""
     versions = [importlib.metadata.version(d) for d in ("torch", "torchvision")]
     code = hashlib.sha256()
     for module in CODE:
         code.update(Path(importlib.util.find_spec(module).origin).read_bytes())
-    return json.dumps([*parts, versions, code.hexdigest()[:16]])
+    return versions, code.hexdigest()[:16]
 
 
 def _weights_id(weights: str) -> list:
@@ -115,11 +122,12 @@ def _weights_id(weights: str) -> list:
 
 
 def _stat(path: Path) -> list:
+    path = path.resolve()
     try:
-        st = path.resolve().stat()
+        st = path.stat()
     except OSError:
         return [str(path), None]
-    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+    return [str(path), st.st_size, st.st_mtime_ns]
 
 
 def _hub_dir() -> Path:
