@@ -33,6 +33,23 @@ def init_ray(address: str | None, num_cpus: int | None = None, lanes: int | None
     if address:
         ray.init(address=address, log_to_driver=False)
     else:
-        preload = {"preload_python_modules": list(TRIAL_MODULES), "num_workers_soft_limit": lanes} if lanes else {}
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
-                 _system_config=preload)
+                 _system_config=prestart(lanes, num_cpus) if lanes else {})
+
+
+def prestart(lanes: int, num_cpus: int | None) -> dict:
+    """Ray's settings for ``lanes`` workers ready with the trial's modules imported.
+
+    Ray prestarts workers when the driver connects, up to ``num_workers_soft_limit``. With
+    ``enable_worker_prestart`` the raylet starts them as soon as it is up instead, a second
+    or more earlier, but as many as it may start at once (one per CPU it declares, at most
+    one per core): only when that many trials run at once does none of them import torch in
+    vain.
+    """
+    from ray._private.utils import get_num_cpus
+
+    settings = {"preload_python_modules": list(TRIAL_MODULES), "num_workers_soft_limit": lanes}
+    at_start = max(1, min(os.cpu_count() or 1, int(num_cpus or get_num_cpus())))
+    if at_start <= lanes:
+        settings["enable_worker_prestart"] = True
+    return settings

@@ -32,10 +32,12 @@ MERGE_LOOKBACK = 64  # queued writes searched for a batch of the same run to mer
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_BYTES = 1 << 20
 # Training and Tune's controller loop come first. Ray runs its workers, the trials, at
-# niceness 15 (its worker_niceness); the writer goes below them, at the lowest priority,
-# and gets about a sixth of a core beside two busy trials. Its backlog stays small (queued
-# batches of one run merge), and at the end of the sweep, with the machine idle, it
-# catches up at full speed while the driver waits.
+# niceness 15 (its worker_niceness). Niceness 19 would still give the writer about a third
+# of a core beside a busy trial: its MLflow import took 2.5 CPU-s from the first trials'
+# start-up on 2 cores. So it runs under SCHED_IDLE, only when a core would otherwise idle
+# (0.7 CPU-s there). Its backlog stays small (queued batches of one run merge), and at the
+# end of the sweep, with the machine idle, it catches up at full speed while the driver
+# waits. Where SCHED_IDLE does not exist, it runs at niceness 19.
 WRITER_NICENESS = 19
 # Writes are gathered until they pause for QUIET_S, or for at most MAX_DELAY_S: a burst,
 # such as a trial's start, parameters, epochs and end, merges into fewer calls, sent after
@@ -290,11 +292,20 @@ def _read_until_closed(fd: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
+def lowest_priority() -> None:
+    """Run this process only when a core would otherwise idle (SCHED_IDLE), else at niceness
+    WRITER_NICENESS."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except (AttributeError, OSError):  # not Linux
+        os.nice(WRITER_NICENESS)
+
+
 def serve(answer_fd: str) -> int:
     """The child: read the tracking URI, the spool and what is queued from the first line of
     stdin, then writes, one per line; send them, and at end of input send the rest and write
     ``{"run_ids", "queue", "last_error"}`` to the pipe ``answer_fd``."""
-    os.nice(WRITER_NICENESS)  # first: importing MLflow (2 CPU-s) must not slow the trials' start
+    lowest_priority()  # first: importing MLflow (2 CPU-s) must not slow the trials' start
     from mlflow.tracking import MlflowClient
 
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()

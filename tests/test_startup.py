@@ -133,3 +133,24 @@ def test_trial_actors_start_on_prestarted_workers_with_the_trial_modules_importe
         ray.shutdown()
     assert {pid for pid, _ in places} <= idle and len({pid for pid, _ in places}) == 2
     assert all(imported for _, imported in places)
+
+
+@pytest.mark.parametrize("cores, cpus, lanes, at_raylet_start", [
+    (2, None, 2, True),  # every core a lane: the workers start with the raylet
+    (16, 16, 16, True),
+    (16, 16, 4, False),  # 4 GPU trials on a 16-core node: 16 workers would import torch for nothing
+    (2, None, 1, False),  # --cpus-per-trial 2, or --trials 1
+    (4, 2, 2, True),  # a Ray declaring fewer CPUs than the cores starts as many workers as CPUs
+])
+def test_the_raylet_prestarts_workers_only_when_each_one_gets_a_trial(monkeypatch, cores, cpus, lanes,
+                                                                       at_raylet_start):
+    """The raylet, told to prestart, starts one worker per CPU it declares (at most one per
+    core); Ray otherwise prestarts ``lanes`` of them when the driver connects."""
+    from sweeps import ray_session
+
+    monkeypatch.setattr("os.cpu_count", lambda: cores)
+    monkeypatch.setattr("ray._private.utils.get_num_cpus", lambda *a, **k: cores)
+    settings = ray_session.prestart(lanes, cpus)
+    assert settings["num_workers_soft_limit"] == lanes
+    assert settings["preload_python_modules"] == list(ray_session.TRIAL_MODULES)
+    assert settings.get("enable_worker_prestart", False) == at_raylet_start

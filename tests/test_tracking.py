@@ -186,6 +186,20 @@ def test_writer_process_keeps_what_an_unreachable_server_did_not_get(tmp_path, m
     assert [(s["op"], s["run"]) for s in spooled] == [("batch", "p" * 32), ("end", "p" * 32)]
 
 
+@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
+def test_the_writer_process_runs_only_on_otherwise_idle_cores(tmp_path):
+    """Below the trials (Ray's workers run at niceness 15): SCHED_IDLE, set before it imports
+    MLflow, so its start-up does not slow the trials' own."""
+    write = WriterProcess(f"sqlite:///{tmp_path}/m.db", tmp_path / "pending.jsonl", {"parent": "p" * 32})
+    try:
+        deadline = time.time() + 60
+        while os.sched_getscheduler(write._proc.pid) != os.SCHED_IDLE and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.sched_getscheduler(write._proc.pid) == os.SCHED_IDLE
+    finally:
+        write.close()
+
+
 def test_writes_after_the_writer_process_died_are_kept(tmp_path):
     write = WriterProcess(f"sqlite:///{tmp_path}/m.db", tmp_path / "pending.jsonl", {"parent": "p" * 32})
     write._proc.kill()
