@@ -16,6 +16,22 @@ def test_scan_splits_one_folder_stratified_and_seeded(image_folder):
     assert scan(image_folder, val_fraction=0.5, seed=2).val != ds.val
 
 
+def test_a_remembered_split_is_scikit_learns_and_a_damaged_one_is_made_again(image_folder, tmp_path, monkeypatch):
+    from sklearn.model_selection import train_test_split
+
+    monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path / "cache"))
+    fresh = scan(image_folder, val_fraction=0.25, seed=3)
+    paths, labels = (list(x) for x in zip(*sorted(zip(fresh.train.paths + fresh.val.paths,
+                                                       fresh.train.labels + fresh.val.labels))))
+    tr_p, va_p, _, _ = train_test_split(paths, labels, test_size=0.25, stratify=labels, random_state=3)
+    assert (fresh.train.paths, fresh.val.paths) == (tuple(tr_p), tuple(va_p))
+    [kept] = (tmp_path / "cache" / "splits").iterdir()
+    assert scan(image_folder, val_fraction=0.25, seed=3) == fresh  # from the file
+    for damage in ("[[0, 1], [1]]", "[[0, 1]", "{}"):  # an index twice, cut short, not a split
+        kept.write_text(damage)
+        assert scan(image_folder, val_fraction=0.25, seed=3) == fresh
+
+
 def test_scan_uses_train_and_val_folders_and_ignores_hidden_files(tmp_path):
     from conftest import write_image_folder
 

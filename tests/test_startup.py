@@ -20,13 +20,15 @@ from sweeps.cli import build_parser
 from sweeps.plan import prepare
 plan = prepare(build_parser().parse_args(sys.argv[1:]), log=lambda *a: None)
 import sweeps.driver, sweeps.run, sweeps.summary, sweeps.best_model, sweeps.registry, sweeps.retention
-print({"torch": "torch" in sys.modules, "mean": plan.data.mean, "std": plan.data.std})
+print({"torch": "torch" in sys.modules, "sklearn": "sklearn" in sys.modules, "mean": plan.data.mean,
+       "std": plan.data.std, "val": plan.data.dataset.val.paths})
 """
 
 
-def test_a_warm_start_imports_no_torch_in_the_driver(tmp_path, monkeypatch):
-    """The first sweep checks the model with torch and keeps the answer; the next one, on the
-    same inputs, plans and starts its trials without importing torch at all."""
+def test_a_warm_start_imports_no_torch_or_sklearn_in_the_driver(tmp_path, monkeypatch):
+    """The first sweep checks the model with torch and splits the data with scikit-learn, and
+    keeps both answers; the next one, on the same inputs, plans and starts its trials
+    without importing either, and splits the data the same way."""
     monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path / "cache"))
     data = write_image_folder(tmp_path / "data", per_class=4)
     argv = ["--space", "smoke", "--data", str(data), "--weights", "none", "--image-size", "32",
@@ -40,7 +42,8 @@ def test_a_warm_start_imports_no_torch_in_the_driver(tmp_path, monkeypatch):
 
     cold, warm = driver(), driver()
     assert cold["torch"] and not warm["torch"]
-    assert warm["mean"] == cold["mean"] and warm["std"] == cold["std"]
+    assert cold["sklearn"] and not warm["sklearn"]
+    assert warm["mean"] == cold["mean"] and warm["std"] == cold["std"] and warm["val"] == cold["val"]
     assert len(json.loads((tmp_path / "cache" / "checks" / "models.json").read_text())) == 2  # stages, check
 
 
