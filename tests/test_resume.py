@@ -51,9 +51,18 @@ def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path
     parent_before = client.search_runs([before[next(iter(before))].info.experiment_id],
                                        "tags.`ftsweep.role` = 'parent'")
 
+    # What a killed trial's worker left in its scratch folder: the next trials remove it.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    leftover = cache_dir / "scratch" / str(dead.pid) / "ckpt-x" / "checkpoint.pt"
+    leftover.parent.mkdir(parents=True)
+    leftover.write_bytes(b"\0" * 1000)
+
     again = subprocess.run([*args, "--resume"], cwd=tmp_path, capture_output=True, text=True,
                            timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert not leftover.parent.parent.exists()
+    assert not list((cache_dir / "scratch").glob("*/*")), "a checkpoint on its way to Tune was left behind"
     summary = json.loads(Path(again.stdout.strip().splitlines()[-1]).read_text())
 
     # The same parent run continues; every trial is counted once, here and in MLflow.

@@ -47,3 +47,23 @@ def test_keep_none_frees_every_finished_trials_checkpoints(tmp_path):
     results = [trial(tmp_path, "a", 1, 2, [0.9, 0.1])]
     out = retain(results, {"a": "completed"}, 0, lambda r: r.trial_id)
     assert left(tmp_path) == [] and out["bytes_freed"] == 200
+
+
+def test_a_trials_scratch_folder_outlives_only_its_worker(tmp_path, monkeypatch):
+    """Checkpoints pass through a folder of the worker's own under the node's cache; the
+    folders of workers that no longer exist (killed mid-checkpoint) go, live ones stay."""
+    import os
+    import subprocess
+
+    from trainables.ray_trial import scratch_dir
+
+    monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path))
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    (tmp_path / "scratch" / str(gone.pid) / "ckpt-a").mkdir(parents=True)
+    (tmp_path / "scratch" / str(os.getppid()) / "ckpt-b").mkdir(parents=True)  # a live worker's
+    (tmp_path / "scratch" / "notes").mkdir()  # not a worker's: left alone
+    mine = scratch_dir()
+    assert mine == tmp_path / "scratch" / str(os.getpid()) and mine.is_dir()
+    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == sorted(
+        [str(os.getppid()), str(os.getpid()), "notes"])

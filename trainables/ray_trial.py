@@ -4,6 +4,7 @@ the decoded images in the cache folder of the node the trial runs on."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -29,6 +30,7 @@ def trainable(config: dict, data: DataHandle) -> None:
     # node's ($FTSWEEP_CACHE as this node's Ray or the job's environment sets it), where
     # the first trial on the node decodes the images once for every later one.
     data = replace(data, cache_dir=str(demo.cache_root() / "decoded"))
+    scratch = scratch_dir()
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:
         checkpoint = tune.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
@@ -38,10 +40,34 @@ def trainable(config: dict, data: DataHandle) -> None:
 
     checkpoint = tune.get_checkpoint()
     if checkpoint is None:
-        run_trial(config, data, report, threads=threads)
+        run_trial(config, data, report, threads=threads, scratch=scratch)
         return
     # Copy the file out: the checkpoint may live on remote storage.
-    with tempfile.TemporaryDirectory(prefix="resume-") as tmp, checkpoint.as_directory() as src:
+    with tempfile.TemporaryDirectory(prefix="resume-", dir=scratch) as tmp, checkpoint.as_directory() as src:
         resume = Path(tmp) / CHECKPOINT_FILE
         shutil.copy(Path(src) / CHECKPOINT_FILE, resume)
-        run_trial(config, data, report, resume_from=resume, threads=threads)
+        run_trial(config, data, report, resume_from=resume, threads=threads, scratch=scratch)
+
+
+def scratch_dir() -> Path:
+    """This worker's folder for the checkpoints on their way to Tune (and the one a resumed
+    trial starts from), under the node's cache folder. A trial killed halfway (its driver
+    killed, its node lost) cannot remove what it wrote there; the next trial on the node
+    removes the folders of workers that no longer exist."""
+    root = demo.cache_root() / "scratch"
+    for folder in root.glob("*"):
+        if folder.name.isdigit() and int(folder.name) != os.getpid() and not _alive(int(folder.name)):
+            shutil.rmtree(folder, ignore_errors=True)
+    mine = root / str(os.getpid())
+    mine.mkdir(parents=True, exist_ok=True)
+    return mine
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

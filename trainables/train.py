@@ -59,9 +59,11 @@ def device_options(cfg: TrialConfig, device: torch.device) -> DeviceOptions:
 
 def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | None = None, *,
               resume_from: str | Path | None = None, threads: int | None = None,
-              device: str | None = None) -> dict:
+              device: str | None = None, scratch: Path | None = None) -> dict:
     """Fine-tune one model, and with ``prune_amount > 0`` prune it and fine-tune it again to
-    recover (``trainables.prune``); returns the last epoch's metrics."""
+    recover (``trainables.prune``); returns the last epoch's metrics. Each epoch's
+    checkpoint is written to a temporary folder in ``scratch`` (default: the system's),
+    handed to ``report`` and removed."""
     cfg = config if isinstance(config, TrialConfig) else TrialConfig.from_dict(config)
     if cfg.prune_amount > 0 and cfg.recovery_epochs < 1:
         raise ValueError(f"prune_amount={cfg.prune_amount} needs recovery_epochs >= 1: the pruned "
@@ -151,7 +153,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
             metrics["finetune_stopped"] = 1
         if stop:
             metrics["early_stopped"] = 1
-        with tempfile.TemporaryDirectory(prefix="ckpt-") as tmp:
+        with tempfile.TemporaryDirectory(prefix="ckpt-", dir=scratch) as tmp:
             save_checkpoint(Path(tmp) / CHECKPOINT_FILE, cfg, data, model, optimizer, scheduler, gen, state,
                             step.scaler)
             if report is not None:
