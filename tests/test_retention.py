@@ -49,21 +49,48 @@ def test_keep_none_frees_every_finished_trials_checkpoints(tmp_path):
     assert left(tmp_path) == [] and out["bytes_freed"] == 200
 
 
-def test_a_trials_scratch_folder_outlives_only_its_worker(tmp_path, monkeypatch):
-    """Checkpoints pass through a folder of the worker's own under the node's cache; the
-    folders of workers that no longer exist (killed mid-checkpoint) go, live ones stay."""
+def test_a_scratch_folder_is_removed_once_no_worker_holds_its_lock(tmp_path, monkeypatch, capsys):
+    """Checkpoints pass through a folder of the worker's own under the node's cache, locked
+    for the worker's life; the next worker removes the folders whose lock is free (their
+    worker was killed mid-checkpoint), on this node or another sharing the cache."""
     import os
     import subprocess
+    import sys
+    import time
 
-    from trainables.ray_trial import scratch_dir
+    from trainables import scratch
 
     monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path))
-    gone = subprocess.Popen(["true"])
-    gone.wait()
-    (tmp_path / "scratch" / str(gone.pid) / "ckpt-a").mkdir(parents=True)
-    (tmp_path / "scratch" / str(os.getppid()) / "ckpt-b").mkdir(parents=True)  # a live worker's
-    (tmp_path / "scratch" / "notes").mkdir()  # not a worker's: left alone
-    mine = scratch_dir()
-    assert mine == tmp_path / "scratch" / str(os.getpid()) and mine.is_dir()
-    assert sorted(p.name for p in (tmp_path / "scratch").iterdir()) == sorted(
-        [str(os.getppid()), str(os.getpid()), "notes"])
+    root = tmp_path / "scratch"
+    held, abandoned, starting, stale = (root / n for n in ("wheld", "wgone", "wstarting", "wstale"))
+    for folder in (held, abandoned, starting, stale):
+        (folder / "ckpt-x").mkdir(parents=True)
+    (abandoned / scratch.LOCK).touch()
+    (held / scratch.LOCK).touch()
+    old = time.time() - 2 * scratch.UNLOCKED_GRACE_S
+    os.utime(stale, (old, old))
+    lock_it = ("import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDWR); "
+               "fcntl.flock(fd, fcntl.LOCK_EX); print('held', flush=True); time.sleep(60)")
+    holder = subprocess.Popen([sys.executable, "-c", lock_it, str(held / scratch.LOCK)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        mine = scratch.scratch_dir()
+        assert sorted(p.name for p in root.iterdir()) == sorted(["wheld", "wstarting", mine.name])
+        assert scratch.scratch_dir() == mine  # one folder per process
+        probe = subprocess.run([sys.executable, "-c", lock_it.replace("LOCK_EX)", "LOCK_EX | fcntl.LOCK_NB)"),
+                                str(mine / scratch.LOCK)], capture_output=True, text=True, timeout=60)
+        assert probe.returncode != 0 and "BlockingIOError" in probe.stderr  # ours is held
+    finally:
+        holder.kill()
+        holder.wait()
+    assert scratch.remove_abandoned(root) == [held]  # its worker is gone now
+
+
+def test_an_unwritable_cache_sends_checkpoints_through_the_system_temp_folder(tmp_path, monkeypatch, capsys):
+    from trainables import scratch
+
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path / "file"))
+    assert scratch.scratch_dir() is None
+    assert f"cannot use {tmp_path / 'file' / 'scratch'}" in capsys.readouterr().err

@@ -4,7 +4,6 @@ the decoded images in the cache folder of the node the trial runs on."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 import time
@@ -16,6 +15,7 @@ from ray import tune
 
 from trainables import demo
 from trainables.data import DataHandle
+from trainables.scratch import scratch_dir
 
 
 def trainable(config: dict, data: DataHandle) -> None:
@@ -48,26 +48,3 @@ def trainable(config: dict, data: DataHandle) -> None:
         shutil.copy(Path(src) / CHECKPOINT_FILE, resume)
         run_trial(config, data, report, resume_from=resume, threads=threads, scratch=scratch)
 
-
-def scratch_dir() -> Path:
-    """This worker's folder for the checkpoints on their way to Tune (and the one a resumed
-    trial starts from), under the node's cache folder. A trial killed halfway (its driver
-    killed, its node lost) cannot remove what it wrote there; the next trial on the node
-    removes the folders of workers that no longer exist."""
-    root = demo.cache_root() / "scratch"
-    for folder in root.glob("*"):
-        if folder.name.isdigit() and int(folder.name) != os.getpid() and not _alive(int(folder.name)):
-            shutil.rmtree(folder, ignore_errors=True)
-    mine = root / str(os.getpid())
-    mine.mkdir(parents=True, exist_ok=True)
-    return mine
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
