@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -21,13 +23,16 @@ def test_a_remembered_split_is_scikit_learns_and_a_damaged_one_is_made_again(ima
 
     monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path / "cache"))
     fresh = scan(image_folder, val_fraction=0.25, seed=3)
-    paths, labels = (list(x) for x in zip(*sorted(zip(fresh.train.paths + fresh.val.paths,
-                                                       fresh.train.labels + fresh.val.labels))))
+    pairs = sorted(zip(fresh.train.paths + fresh.val.paths, fresh.train.labels + fresh.val.labels, strict=True))
+    paths, labels = [p for p, _ in pairs], [y for _, y in pairs]
     tr_p, va_p, _, _ = train_test_split(paths, labels, test_size=0.25, stratify=labels, random_state=3)
     assert (fresh.train.paths, fresh.val.paths) == (tuple(tr_p), tuple(va_p))
     [kept] = (tmp_path / "cache" / "splits").iterdir()
-    assert scan(image_folder, val_fraction=0.25, seed=3) == fresh  # from the file
-    for damage in ("[[0, 1], [1]]", "[[0, 1]", "{}"):  # an index twice, cut short, not a split
+    train, val = json.loads(kept.read_text())
+    kept.write_text(json.dumps([train[::-1], val]))  # another valid answer: read from the file
+    assert scan(image_folder, val_fraction=0.25, seed=3).train.paths == fresh.train.paths[::-1]
+    # an index twice, cut short, not a split, an index that is not an integer: split again
+    for damage in ("[[0, 1], [1]]", "[[0, 1]", "{}", json.dumps([[float(train[0]), *train[1:]], val])):
         kept.write_text(damage)
         assert scan(image_folder, val_fraction=0.25, seed=3) == fresh
 

@@ -11,7 +11,6 @@ reads from it are ``trainables.pipeline.Batches``.
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import hashlib
 import json
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps
+
+from trainables.splits import stratified
 
 CROP_RATIO = 0.875  # torchvision's classification reference: resize 256, crop 224
 
@@ -166,41 +167,9 @@ def _stratified_split(root, paths, labels, val_fraction, seed) -> tuple[Split, S
     counts = np.bincount(labels) if labels else np.array([])
     if len(counts) and counts.min() < 2:
         raise DataError(f"{root}: every class needs at least 2 images for a train/val split")
-    train, val = _split_indices(paths, labels, val_fraction, seed)
+    train, val = stratified(labels, val_fraction, seed)
     return (Split(tuple(paths[i] for i in train), tuple(labels[i] for i in train)),
             Split(tuple(paths[i] for i in val), tuple(labels[i] for i in val)))
-
-
-def _split_indices(paths, labels, val_fraction, seed) -> tuple[list[int], list[int]]:
-    """scikit-learn's seeded stratified split, as indices. It depends only on the paths, the
-    labels, the fraction, the seed and scikit-learn's version, so it is remembered under
-    ``$FTSWEEP_CACHE/splits``: a sweep over the same folder does not import scikit-learn
-    (a CPU-second while its trials start)."""
-    from importlib.metadata import version
-
-    from trainables.demo import cache_root
-
-    key = hashlib.sha256(json.dumps([paths, labels, val_fraction, seed, version("scikit-learn")]).encode())
-    path = cache_root() / "splits" / f"{key.hexdigest()[:32]}.json"
-    try:
-        train, val = json.loads(path.read_text())
-        if sorted(train + val) == list(range(len(paths))):
-            return train, val
-    except (OSError, ValueError, TypeError):  # none yet, or damaged: split again
-        pass
-    from sklearn.model_selection import train_test_split
-
-    train, val = (a.tolist() for a in train_test_split(np.arange(len(paths)), test_size=val_fraction,
-                                                        stratify=labels, random_state=seed))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:  # a cache that cannot be written only costs the next sweep a CPU-second
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps([train, val]))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-    return train, val
 
 
 def fingerprint(*splits: Split) -> str:
