@@ -49,7 +49,7 @@ def prestart(lanes: int, num_cpus: int | None) -> dict:
     from ray._private.utils import get_num_cpus
 
     settings = {"preload_python_modules": list(TRIAL_MODULES), "num_workers_soft_limit": lanes}
-    at_start = max(1, min(os.cpu_count() or 1, int(num_cpus or get_num_cpus())))
+    at_start = max(1, min(os.cpu_count() or 1, int(num_cpus or get_num_cpus(override_docker_cpu_warning=True))))
     if at_start <= lanes:
         settings["enable_worker_prestart"] = True
     return settings

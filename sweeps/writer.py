@@ -32,12 +32,16 @@ MERGE_LOOKBACK = 64  # queued writes searched for a batch of the same run to mer
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_BYTES = 1 << 20
 # Training and Tune's controller loop come first. Ray runs its workers, the trials, at
-# niceness 15 (its worker_niceness). Niceness 19 would still give the writer about a third
-# of a core beside a busy trial: its MLflow import took 2.5 CPU-s from the first trials'
-# start-up on 2 cores. So it runs under SCHED_IDLE, only when a core would otherwise idle
-# (0.7 CPU-s there). Its backlog stays small (queued batches of one run merge), and at the
-# end of the sweep, with the machine idle, it catches up at full speed while the driver
-# waits. Where SCHED_IDLE does not exist, it runs at niceness 19.
+# niceness 15 (its worker_niceness), a scheduler weight of 36 against 1024 at niceness 0.
+# At niceness 19 (weight 15) the writer would still take about a third of a core beside a
+# busy trial: its MLflow import took 2.5 CPU-s from the first trials' start-up on 2 cores.
+# So it runs under SCHED_IDLE, the lowest weight Linux has (3): 0.7 CPU-s there. Its
+# backlog stays small (queued batches of one run merge), and at the end of the sweep, with
+# the trials done, it catches up while the driver waits; only other work saturating every
+# core would starve it (then the driver's wait ends after its timeout and the spool file
+# keeps what is unsent). Priorities order processes within one session (Linux groups
+# sessions under autogroup): a local Ray's workers share the driver's. An unprivileged
+# process cannot leave SCHED_IDLE. Where it does not exist, the writer runs at niceness 19.
 WRITER_NICENESS = 19
 # Writes are gathered until they pause for QUIET_S, or for at most MAX_DELAY_S: a burst,
 # such as a trial's start, parameters, epochs and end, merges into fewer calls, sent after
@@ -293,7 +297,7 @@ def _read_until_closed(fd: int, deadline: float) -> bytes:
 
 
 def lowest_priority() -> None:
-    """Run this process only when a core would otherwise idle (SCHED_IDLE), else at niceness
+    """Run this process below everything else on the machine (SCHED_IDLE), else at niceness
     WRITER_NICENESS."""
     try:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
