@@ -14,7 +14,6 @@ answer ever be wrong, the trial, which builds its model anyway, stops with the s
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import importlib.metadata
@@ -76,18 +75,11 @@ def _remembered(key: str, build, holds=lambda facts: True) -> dict:
     if key in known and holds(known[key]):
         return known[key]
     facts = build()  # raises when the check fails: nothing is kept
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:  # a cache that cannot be written only costs the next sweep time
-        path.parent.mkdir(parents=True, exist_ok=True)
-        # Re-read (another sweep may have added its own), and forget the answers of other
-        # torch versions or model code: they can never be asked again.
-        current = list(_installed())
-        known = {k: v for k, v in _read(path).items() if json.loads(k)[-2:] == current}
-        tmp.write_text(json.dumps({**known, key: facts}, indent=1, sort_keys=True))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):  # a cache path that is not a folder has no temp file either
-            tmp.unlink(missing_ok=True)
+    # Re-read (another sweep may have added its own), and forget the answers of other torch
+    # versions or model code: they can never be asked again.
+    current = list(_installed())
+    known = {k: v for k, v in _read(path).items() if json.loads(k)[-2:] == current}
+    demo.keep_in_cache(path, json.dumps({**known, key: facts}, indent=1, sort_keys=True))
     return facts
 
 

@@ -47,4 +47,3 @@ def trainable(config: dict, data: DataHandle) -> None:
         resume = Path(tmp) / CHECKPOINT_FILE
         shutil.copy(Path(src) / CHECKPOINT_FILE, resume)
         run_trial(config, data, report, resume_from=resume, threads=threads, scratch=scratch)
-

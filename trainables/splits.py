@@ -8,16 +8,14 @@ the same data does not import scikit-learn (a CPU-second while its trials start)
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import os
 from importlib.metadata import version
 from pathlib import Path
 
 import numpy as np
 
-from trainables.demo import cache_root
+from trainables.demo import cache_root, keep_in_cache
 
 
 def stratified(labels, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -32,14 +30,7 @@ def stratified(labels, val_fraction: float, seed: int) -> tuple[list[int], list[
 
     train, val = (a.tolist() for a in train_test_split(np.arange(len(labels)), test_size=val_fraction,
                                                         stratify=labels, random_state=seed))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:  # a cache that cannot be written only costs the next sweep a CPU-second
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps([train, val]))
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    keep_in_cache(path, json.dumps([train, val]))
     return train, val
 
 
