@@ -16,6 +16,7 @@ from ray.tune.search import ConcurrencyLimiter
 from sweeps import schedulers
 from sweeps.progress import LiveStatus
 from sweeps.ray_session import init_ray  # noqa: F401 - sweeps.driver.init_ray, as callers know it
+from sweeps.restored_search import CatchUpOnRestore
 from sweeps.tracking import OBJECTIVE
 from trainables.ray_trial import trainable
 
@@ -38,16 +39,14 @@ METRIC, MODE = "val_acc", "max"
 ASHA_STOPPED: set[str] = set()
 
 
-class ResumableASHA(ASHAScheduler):
-    """ASHA whose rungs survive ``Tuner.restore``.
+class ResumableASHA(CatchUpOnRestore, ASHAScheduler):
+    """ASHA whose rungs (and searcher, sweeps/restored_search.py) survive ``Tuner.restore``.
 
     Ray Tune snapshots the trials but not the scheduler, so a resumed sweep's ASHA would
     start with empty rungs and judge the remaining trials against nothing. Before the
     first trial is chosen to run, every trial's recorded results are replayed into the
     rungs, in order, exactly as they were recorded the first time.
     """
-
-    _replayed = False
 
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)

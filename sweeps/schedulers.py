@@ -12,7 +12,8 @@ turn out worse.
 (one epoch by default) and pauses; once all of them have, the best k are resumed and train
 to the full budget, the rest end there.
 
-Both rebuild their rungs after ``Tuner.restore`` from the results each trial recorded, and
+Both rebuild their rungs after ``Tuner.restore`` from the results each trial recorded (and
+bring the searcher up to date with the restored trials, sweeps/restored_search.py), and
 put the trials that were waiting at a rung back in PAUSED (Tune's restore makes every
 unfinished trial PENDING).
 """
@@ -24,6 +25,8 @@ import math
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
+
+from sweeps.restored_search import CatchUpOnRestore
 
 # Pauses this driver process decided: trial id -> the rungs it paused at, in order. Read by
 # the MLflow callback (a paused trial's run says so) and the tests.
@@ -42,7 +45,7 @@ def rung_milestones(grace_period: int, reduction_factor: float, max_t: int) -> l
     return out
 
 
-class PromotionScheduler(FIFOScheduler):
+class PromotionScheduler(CatchUpOnRestore, FIFOScheduler):
     """Asynchronous successive halving that pauses instead of stopping (see the module)."""
 
     def __init__(self, time_attr: str, metric: str, mode: str, max_t: int, grace_period: int = 1,

@@ -24,6 +24,26 @@ def child_runs(client, name):
                               f"tags.`ftsweep.sweep` = '{name}' and tags.`ftsweep.role` = 'trial'")
 
 
+def keep_first_searcher_record(record: Path, early: Path) -> None:
+    files = [*record.glob("search_gen_state-*.json"), *record.glob("searcher-state-*.pkl")]
+    if len(files) == 2 and not early.exists():
+        early.mkdir()
+        for f in files:
+            (early / f.name).write_bytes(f.read_bytes())
+
+
+def restore_first_searcher_record(record: Path, early: Path) -> tuple[int, int]:
+    """Put the kept searcher files back; return the trials they say were suggested and the
+    trials the record of the trials lists."""
+    import ray.cloudpickle as cloudpickle
+
+    for f in early.iterdir():
+        (record / f.name).write_bytes(f.read_bytes())
+    state = cloudpickle.loads(next(early.glob("search_gen_state-*.json")).read_bytes())
+    trials = json.loads(max(record.glob("experiment_state-*.json")).read_text())["trial_data"]
+    return state["counter"], len(trials)
+
+
 def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     args = [*RUN, "--space", "smoke", "--trials", str(TRIALS), "--name", "nightly",
@@ -31,9 +51,11 @@ def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path
     driver = subprocess.Popen(args, cwd=tmp_path, stdout=open(tmp_path / "first.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
     client = MlflowClient(uri)
+    record, early = tmp_path / "results" / "nightly", tmp_path / "early"
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver.poll() is None:
+            keep_first_searcher_record(record, early)
             ended = [r for r in child_runs(client, "nightly") if r.data.tags["outcome"] != "running"]
             if len(ended) >= 2:
                 break
@@ -44,6 +66,11 @@ def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path
         driver.wait()
     finally:
         stop_group(driver)  # and the local Ray it started goes with it
+    # Ray Tune writes and uploads its record of the trials and of the searcher as separate
+    # files, so a kill can leave the searcher's older than the trials' (seen on S3): put
+    # back the searcher's first record, from when it had suggested fewer trials.
+    suggested, listed = restore_first_searcher_record(record, early)
+    assert suggested < listed, (suggested, listed)
     before = {r.data.tags["ftsweep.trial_id"]: r for r in child_runs(client, "nightly")}
     done_before = {t: r for t, r in before.items() if r.data.tags["outcome"] != "running"}
     epochs_before = {t: len(client.get_metric_history(r.info.run_id, "val_acc"))
