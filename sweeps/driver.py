@@ -16,7 +16,7 @@ from ray.tune.search import ConcurrencyLimiter
 from sweeps import schedulers
 from sweeps.progress import LiveStatus
 from sweeps.ray_session import init_ray  # noqa: F401 - sweeps.driver.init_ray, as callers know it
-from sweeps.restored_search import CatchUpOnRestore
+from sweeps.restored import CatchUpOnRestore
 from sweeps.tracking import OBJECTIVE
 from trainables.ray_trial import trainable
 
@@ -40,7 +40,7 @@ ASHA_STOPPED: set[str] = set()
 
 
 class ResumableASHA(CatchUpOnRestore, ASHAScheduler):
-    """ASHA whose rungs (and searcher, sweeps/restored_search.py) survive ``Tuner.restore``.
+    """ASHA whose rungs (and searcher, sweeps/restored.py) survive ``Tuner.restore``.
 
     Ray Tune snapshots the trials but not the scheduler, so a resumed sweep's ASHA would
     start with empty rungs and judge the remaining trials against nothing. Before the

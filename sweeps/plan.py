@@ -53,7 +53,7 @@ class Plan:
     warm_start: WarmStart | None = None  # an earlier sweep's trials, for TPE's history
     split_seed: int = 0  # the stratified train/val split's seed (--split-seed), not the search's
     val_fraction: float = 0.2
-    inputs: dict = field(default_factory=dict)  # sweeps.tracking.sweep_inputs, on the parent run
+    inputs: dict = field(default_factory=dict)  # sweeps.inputs.sweep_inputs, on the parent run
     max_acc_drop: float | None = None  # name the smallest model within this of the best val_acc
     keep_checkpoints: int = 1  # after the sweep: the best checkpoint of this many best trials
     register: str | None = None  # --register: the registered model the best model becomes a version of
@@ -114,7 +114,7 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     checked()
 
     from sweeps import model_check
-    from sweeps.tracking import sweep_inputs
+    from sweeps.inputs import sweep_inputs
     from trainables.data import DataHandle, scan
 
     _check_frozen_depth(space, model)
@@ -158,8 +158,9 @@ def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: di
     """A name is one sweep. Without --resume, an existing sweep of this name (its MLflow
     parent run, or its folder) stops us; with it, the resumed command must describe the
     same sweep. Returns the trial count a resumed sweep started with."""
+    from sweeps.inputs import recorded_inputs
     from sweeps.tracking import client as tracking_client
-    from sweeps.tracking import find_parent_run, recorded_inputs
+    from sweeps.tracking import find_parent_run
 
     # A sqlite store that does not exist yet holds no earlier sweep: looking must not create it.
     uri = args.tracking_uri
@@ -190,7 +191,7 @@ def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: di
 
 def _check_same_sweep(name: str, parent, was: dict, inputs: dict) -> None:
     """--resume continues the sweep only on the inputs it started with."""
-    from sweeps.tracking import input_changes
+    from sweeps.inputs import input_changes
 
     changes = input_changes(was, inputs)
     if changes:

@@ -13,7 +13,7 @@ turn out worse.
 to the full budget, the rest end there.
 
 Both rebuild their rungs after ``Tuner.restore`` from the results each trial recorded (and
-bring the searcher up to date with the restored trials, sweeps/restored_search.py), and
+bring the searcher up to date with the restored trials, sweeps/restored.py), and
 put the trials that were waiting at a rung back in PAUSED (Tune's restore makes every
 unfinished trial PENDING).
 """
@@ -26,7 +26,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from sweeps.restored_search import CatchUpOnRestore
+from sweeps.restored import CatchUpOnRestore
 
 # Pauses this driver process decided: trial id -> the rungs it paused at, in order. Read by
 # the MLflow callback (a paused trial's run says so) and the tests.

@@ -20,6 +20,7 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from ray.tune import Callback
 
 from sweeps import schedulers
+from sweeps.inputs import TAG_INPUTS, dataset_input
 from sweeps.uris import check_tracking_uri, redact  # noqa: F401 - also sweeps.tracking's
 from sweeps.writer import Writer, WriterProcess
 
@@ -32,8 +33,6 @@ TAG_SWEEP, TAG_ROLE, TAG_TRIAL = "ftsweep.sweep", "ftsweep.role", "ftsweep.trial
 TAG_OUTCOME, TAG_STOP_REASON = "outcome", "stop_reason"
 # The epochs (rungs) at which a pausing scheduler paused the trial, comma-separated.
 TAG_PAUSED_AT = "ftsweep.paused_at"
-# What the sweep ran on, as one JSON tag of its parent run: --resume compares with it.
-TAG_INPUTS = "ftsweep.inputs"
 # The one number that ranks trials everywhere: TPE's objective, ASHA's rungs, the summary,
 # the report and --warm-start all use a trial's best val_acc (the running max it reports).
 OBJECTIVE, MODE = "best_val_acc", "max"
@@ -66,45 +65,6 @@ def client(uri: str) -> MlflowClient:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
     return c
-
-
-def sweep_inputs(space, fingerprint: str, split_seed: int, val_fraction: float) -> dict[str, str]:
-    """Everything a sweep's results depend on, as text: the space and its searched ranges,
-    every fixed trial setting (model, weights, image size, max_epochs, --set values, the
-    trials' seed), the dataset's content and how it was split. Recorded on the parent run
-    (TAG_INPUTS); ``--resume`` compares it with the resumed command's."""
-    inputs = {"space": space.name, "dataset_fingerprint": fingerprint,
-              "split_seed": str(split_seed), "val_fraction": str(val_fraction)}
-    inputs.update({k: str(v) for k, v in space.config().to_dict().items() if k not in space.search})
-    inputs.update({f"search.{k}": f"{p.type}{p.bounds()}" for k, p in space.search.items()})
-    return inputs
-
-
-def dataset_input(plan) -> dict:
-    """The sweep's data as an MLflow dataset input (a ``"inputs"`` write): named after the
-    data, its source the data folder, its digest the dataset fingerprint, its profile the
-    train/val counts. Logged on the parent and every trial run, it fills the UI's Dataset
-    column and its dataset filter."""
-    data = plan.data.dataset
-    profile = {"train_images": len(data.train), "val_images": len(data.val), "classes": len(data.classes),
-               "image_size": plan.data.image_size}
-    # MLflow's LocalArtifactDatasetSource, as its to_json() writes it (resolving a folder to it
-    # warns that two source classes claim local paths)
-    return {"dataset": {"name": plan.dataset_label, "digest": data.fingerprint, "source_type": "local",
-                        "source": json.dumps({"uri": str(data.root)}), "profile": json.dumps(profile)},
-            "tags": {"mlflow.data.context": "training"}}
-
-
-def recorded_inputs(parent) -> dict[str, str] | None:
-    """What a parent run recorded with ``sweep_inputs``; None for a sweep from before."""
-    text = parent.data.tags.get(TAG_INPUTS)
-    return json.loads(text) or None if text else None
-
-
-def input_changes(was: dict[str, str], now: dict[str, str]) -> list[str]:
-    """Each input that differs, as ``key: was → now``."""
-    return [f"{k}: {was.get(k, '(not set)')} → {now.get(k, '(not set)')}"
-            for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
 
 
 def find_parent_run(client, experiment_id: str | None, name: str):

@@ -131,7 +131,7 @@ class Writer:
             self.client.log_artifact(self.run_ids[key], kw["local_path"], kw.get("artifact_path"))
         elif op == "artifacts":
             self.client.log_artifacts(self.run_ids[key], kw["local_dir"], kw.get("artifact_path"))
-        elif op == "inputs":  # a dataset input: kw as sweeps.tracking.dataset_input makes it
+        elif op == "inputs":  # a dataset input: kw as sweeps.inputs.dataset_input makes it
             from mlflow.entities import Dataset, DatasetInput, InputTag
 
             tags = [InputTag(k, v) for k, v in kw.get("tags", {}).items()]

@@ -150,3 +150,22 @@ def run_sweep(args: list[str], cwd: Path, env: dict | None = None, timeout: floa
     """Run ``sweeps/run.py`` as a user would; returns the CompletedProcess."""
     return subprocess.run([*RUN, *args], cwd=cwd, env={**os.environ, **(env or {})},
                           capture_output=True, text=True, timeout=timeout)
+
+
+def shift_newest_checkpoint(trial_dir: Path) -> tuple[str, str]:
+    """Make a killed sweep's record of a trial older than the trial's folder, as a kill just
+    after Ray Tune replaced the trial's checkpoint leaves it: the newest checkpoint moves one
+    index on (with its recorded result), so the one the record names is gone and a newer one
+    is there. Returns the old and the new name."""
+    import json
+
+    old = max(p.name for p in trial_dir.glob("checkpoint_*"))
+    new = f"checkpoint_{int(old.split('_')[1]) + 1:06d}"
+    (trial_dir / old).rename(trial_dir / new)
+    results = trial_dir / "result.json"
+    lines = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    for line in lines:
+        if line.get("checkpoint_dir_name") == old:
+            line["checkpoint_dir_name"] = new
+    results.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return old, new

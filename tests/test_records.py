@@ -7,8 +7,9 @@ from types import SimpleNamespace
 import pytest
 
 from sweeps import driver, summary
+from sweeps.inputs import recorded_inputs
 from sweeps.progress import counts
-from sweeps.tracking import MlflowTrials, recorded_inputs
+from sweeps.tracking import MlflowTrials
 
 from conftest import write_image_folder
 

@@ -473,7 +473,7 @@ def test_a_killed_promotion_sweep_resumes_with_its_paused_trials_paused(tmp_path
 
     from mlflow.tracking import MlflowClient
 
-    from conftest import ROOT, RUN, stop_group
+    from conftest import ROOT, RUN, shift_newest_checkpoint, stop_group
 
     space = tmp_path / "promotion.yaml"
     space.write_text(PROMOTION_SPACE)
@@ -506,9 +506,13 @@ def test_a_killed_promotion_sweep_resumes_with_its_paused_trials_paused(tmp_path
             os.killpg(driver_proc.pid, signal.SIGKILL)  # the local Ray the killed driver started
     paused_before = {r.data.tags["ftsweep.trial_id"] for r in trial_runs() if r.data.tags["outcome"] == "paused"}
     assert paused_before
+    # the record names a checkpoint of a paused trial that is gone; a newer one is in its folder
+    shifted = sorted(paused_before)[0]
+    old, new = shift_newest_checkpoint(tmp_path / "r" / "killed" / f"trial_{shifted}")
 
     again = subprocess.run([*args, "--resume"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"trial {shifted}: its recorded checkpoint {old} is gone; it resumes from the newer {new}" in again.stdout
     rebuilt = [line for line in again.stdout.splitlines() if line.startswith("PromotionScheduler: rungs rebuilt")]
     assert rebuilt and int(rebuilt[0].split("; ")[1].split()[0]) >= 1, again.stdout[-3000:]  # back in PAUSED
     summary = json.loads(Path(again.stdout.strip().splitlines()[-1]).read_text())

@@ -181,9 +181,8 @@ def test_a_sweep_killed_and_resumed_on_s3_keeps_summary_checkpoints_and_best_mod
     uri, s3 = s3_bucket
     # enough trials that some are left when the first ends, with every lane busy at once
     trials, tracking = 6, f"sqlite:///{tmp_path}/mlflow.db"
-    # One epoch per trial: a trial's only checkpoint is never replaced. (Ray Tune uploads its
-    # record of the sweep about once a second; a kill just after a newer checkpoint replaced
-    # an older one can leave the record naming a deleted checkpoint. The README says so.)
+    # One epoch per trial keeps it short; a record older than a trial's checkpoints is tested
+    # in test_schedulers (a killed promotion sweep) and test_restored.
     args = ["--space", "smoke", "--trials", str(trials), "--max-epochs", "1", "--name", "on-s3",
             "--storage", uri, "--tracking-uri", tracking]
     driver = subprocess.Popen([*RUN, *args], cwd=tmp_path, env={**os.environ, **S3_ENV},

@@ -1,12 +1,16 @@
-"""A restored searcher whose record is older or newer than the restored trials is brought up
-to date with them (sweeps/restored_search.py), with Ray Tune's and Optuna's real objects."""
+"""A restored sweep's record brought up to date (sweeps/restored.py), with Ray Tune's and
+Optuna's real objects: a searcher whose record is older or newer than the restored trials,
+and a trial whose recorded checkpoint is gone."""
+
+import shutil
+from pathlib import Path
 
 import pytest
 from ray.tune.experiment import Experiment, Trial
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
 from search_spaces.loader import load_space
-from sweeps import driver, restored_search, schedulers
+from sweeps import driver, restored, schedulers
 
 TRIALS = 6
 
@@ -63,7 +67,7 @@ def test_a_searcher_older_than_the_trials_learns_them_and_suggests_no_extra_tria
     stale = generator(space)
     stale.restore_from_dir(str(tmp_path))
     assert stale.get_state()["counter"] == 2 and limiter(stale).live_trials == {t1.trial_id, t2.trial_id}
-    restored_search.catch_up(Controller(stale, [t1, t2, t3]))
+    restored.catch_up(Controller(stale, [t1, t2, t3]))
 
     assert stale.get_state()["counter"] == 3
     assert limiter(stale).live_trials == {t2.trial_id, t3.trial_id}
@@ -91,7 +95,7 @@ def test_a_searcher_newer_than_the_trials_forgets_what_they_do_not_hold(space, t
 
     newer = generator(space)
     newer.restore_from_dir(str(tmp_path))
-    restored_search.catch_up(Controller(newer, [t1, t2]))
+    restored.catch_up(Controller(newer, [t1, t2]))
 
     assert newer.get_state()["counter"] == 2
     assert limiter(newer).live_trials == {t2.trial_id}  # the lane is not held by a trial no one runs
@@ -107,7 +111,7 @@ def test_a_finished_trial_the_study_still_has_running_is_told_to_it(space, tmp_p
 
     stale = generator(space)
     stale.restore_from_dir(str(tmp_path))
-    restored_search.catch_up(Controller(stale, [t1, t2]))
+    restored.catch_up(Controller(stale, [t1, t2]))
     assert [(t.state.name, t.value) for t in study(stale).trials] == [("COMPLETE", 0.4), ("FAIL", None)]
     assert limiter(stale).live_trials == set()
 
@@ -117,7 +121,7 @@ def test_an_up_to_date_searcher_is_left_as_it_is(space):
     t1, t2 = gen.next_trial(), gen.next_trial()
     finish(gen, t1, 0.5)
     before = (gen.get_state()["counter"], set(limiter(gen).live_trials), len(study(gen).trials))
-    restored_search.catch_up(Controller(gen, [t1, t2]))
+    restored.catch_up(Controller(gen, [t1, t2]))
     assert (gen.get_state()["counter"], limiter(gen).live_trials, len(study(gen).trials)) == before
 
 
@@ -141,3 +145,64 @@ def test_every_scheduler_catches_the_searcher_up_until_it_first_chooses_a_trial(
     stale.restore_from_dir(str(tmp_path))  # after it has chosen, added trials are new ones
     scheduler.on_trial_add(controller, t2)
     assert stale.get_state()["counter"] == 1
+
+
+# --- a trial whose recorded checkpoint is gone --------------------------------------------
+
+def restored_trial(tmp_path, recorded: list[int], on_disk: list[int], results: list[int]) -> Trial:
+    """A trial as Tune restores it: its record registered the checkpoints ``recorded`` (the
+    last one its latest), its folder holds ``on_disk``, its result.json the results of
+    ``results``; every checkpoint i was reported with iteration i + 1."""
+    import json
+
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import StorageContext
+
+    tune.register_trainable("restored_fake", lambda config: None)
+    storage = StorageContext(storage_path=str(tmp_path), experiment_dir_name="sweep", trial_dir_name="trial_a")
+    trial = Trial("restored_fake", config={"lr": 0.1}, trial_id="a", storage=storage,
+                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_acc",
+                                                          checkpoint_score_order="max"))
+    folder = Path(storage.trial_fs_path)
+
+    def result(i):
+        return {"val_acc": 0.1 * i, "training_iteration": i + 1, "checkpoint_dir_name": f"checkpoint_{i:06d}"}
+
+    for i in sorted(set(recorded) | set(on_disk)):
+        (folder / f"checkpoint_{i:06d}").mkdir(parents=True)
+        (folder / f"checkpoint_{i:06d}" / "checkpoint.pt").write_text(str(i))
+    for i in recorded:
+        trial.on_checkpoint(_TrainingResult(tune.Checkpoint(str(folder / f"checkpoint_{i:06d}")), result(i)))
+    for i in set(recorded) - set(on_disk):
+        shutil.rmtree(folder / f"checkpoint_{i:06d}", ignore_errors=True)
+    trial.run_metadata.last_result = result(recorded[-1])
+    (folder / "result.json").write_text("".join(json.dumps(result(i)) + "\n" for i in results))
+    trial.set_status(Trial.PENDING)
+    return trial
+
+
+def test_a_trial_whose_recorded_checkpoint_is_gone_resumes_from_the_newer_one_with_its_result(tmp_path):
+    trial = restored_trial(tmp_path, recorded=[2], on_disk=[3], results=[0, 1, 2, 3])
+    assert restored.catch_up_checkpoint(trial) == "checkpoint_000003"
+    assert Path(trial.checkpoint.path).name == "checkpoint_000003"
+    assert trial.latest_checkpoint_result.metrics["training_iteration"] == 4  # restore goes on from here
+    assert trial.latest_checkpoint_result.metrics["val_acc"] == pytest.approx(0.3)
+    assert trial.storage.current_checkpoint_index == 3  # the next checkpoint is written as checkpoint_000004
+    assert (Path(trial.storage.trial_fs_path) / "checkpoint_000003" / "checkpoint.pt").exists()  # kept
+
+
+def test_without_its_result_the_newer_checkpoint_counts_one_iteration_per_checkpoint(tmp_path):
+    trial = restored_trial(tmp_path, recorded=[1, 2], on_disk=[4], results=[0, 1, 2])
+    assert restored.catch_up_checkpoint(trial) == "checkpoint_000004"
+    assert trial.latest_checkpoint_result.metrics["training_iteration"] == 5
+
+
+@pytest.mark.parametrize("on_disk, status", [([2, 3], Trial.PENDING),  # the recorded one is there
+                                             ([1], Trial.PENDING),  # only older ones: Tune's error stands
+                                             ([3], Trial.TERMINATED)])  # not run again
+def test_otherwise_the_trial_is_left_as_tune_restored_it(tmp_path, on_disk, status):
+    trial = restored_trial(tmp_path, recorded=[2], on_disk=on_disk, results=[0, 1, 2, 3])
+    trial.set_status(status)
+    assert restored.catch_up_checkpoint(trial) is None
+    assert Path(trial.checkpoint.path).name == "checkpoint_000002"

@@ -1,4 +1,5 @@
-"""Bring a restored sweep's searcher up to date with its restored trials.
+"""Bring a restored sweep's record up to date: the searcher with the restored trials, and a
+trial with the checkpoints its folder holds.
 
 Ray Tune records a sweep in separate files: the trials (``experiment_state-*.json``), the
 search generator with its concurrency limiter (``search_gen_state-*.json``) and the
@@ -21,10 +22,22 @@ trial is asked for, the scheduler (``CatchUpOnRestore``) makes the searcher agre
 - Optuna's study holds every trial of the list: a trial it does not remember is added with
   its own parameters (running, or finished with the objective it recorded), and a trial the
   list shows finished is told to the study if the study still has it running.
+
+The trials' record can itself be older than a trial's folder. Ray Tune saves it about once
+a second, but deletes a trial's older checkpoint as soon as a newer one is registered; a
+driver killed in between leaves a record naming a checkpoint that no longer exists, and the
+trial would fail to restore. Such a trial resumes from the newest checkpoint in its folder
+instead (``catch_up_checkpoint``), with the results it recorded for it.
 """
 
 from __future__ import annotations
 
+import posixpath
+import re
+
+import pyarrow.fs
+from ray.train._internal.session import _TrainingResult
+from ray.tune import Checkpoint
 from ray.tune.experiment import Trial
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 from ray.tune.utils import flatten_dict
@@ -42,8 +55,9 @@ class CatchUpOnRestore:
     _replayed = False
 
     def on_trial_add(self, tune_controller, trial):
-        if not self._replayed:
+        if not self._replayed and tune_controller is not None:
             catch_up(tune_controller)
+            catch_up_checkpoint(trial)
         super().on_trial_add(tune_controller, trial)
 
 
@@ -97,3 +111,47 @@ def _catch_up_optuna(searcher, trials) -> None:
 def _params(searcher, trial) -> dict:
     flat = flatten_dict(trial.config)
     return {name: flat[name] for name in searcher._space}
+
+
+CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
+
+
+def catch_up_checkpoint(trial) -> str | None:
+    """A trial that will run again but whose recorded latest checkpoint is gone resumes from
+    the newest checkpoint in its folder newer than that one; returns its name (None when
+    nothing changed). Without one, Tune's restore fails as before and the trial ends errored."""
+    latest = trial.latest_checkpoint_result
+    if trial.status not in LIVE or latest is None or latest.checkpoint is None or trial.storage is None:
+        return None
+    fs, gone = latest.checkpoint.filesystem, latest.checkpoint.path
+    if fs.get_file_info(gone).type != pyarrow.fs.FileType.NotFound:
+        return None
+    gone_index = _index(gone)
+    found = [(i, info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(trial.storage.trial_fs_path))
+             if info.type == pyarrow.fs.FileType.Directory and (i := _index(info.path)) is not None]
+    newer = [(i, path) for i, path in found if gone_index is not None and i > gone_index]
+    if not newer:
+        return None
+    index, path = max(newer)
+    name = posixpath.basename(path)
+    from sweeps.driver import _recorded_results
+
+    recorded = [r for r in _recorded_results(trial) if r.get("checkpoint_dir_name") == name]
+    # Not recorded either: one report per checkpoint, so its iteration is as many further on.
+    metrics = recorded[-1] if recorded else {
+        **latest.metrics, "checkpoint_dir_name": name,
+        "training_iteration": latest.metrics.get("training_iteration", 0) + index - gone_index}
+    manager = trial.run_metadata.checkpoint_manager
+    manager._checkpoint_results = [r for r in manager._checkpoint_results
+                                   if fs.get_file_info(r.checkpoint.path).type != pyarrow.fs.FileType.NotFound]
+    manager.register_checkpoint(_TrainingResult(Checkpoint(path, filesystem=fs), metrics))
+    trial.storage.current_checkpoint_index = index  # the last one written: the next goes after it
+    trial.invalidate_json_state()
+    print(f"trial {trial.trial_id}: its recorded checkpoint {posixpath.basename(gone)} is gone; "
+          f"it resumes from the newer {name}")
+    return name
+
+
+def _index(path: str) -> int | None:
+    match = CHECKPOINT_DIR.fullmatch(posixpath.basename(path))
+    return int(match.group(1)) if match else None
