@@ -13,10 +13,9 @@ from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
 
-from sweeps import schedulers
+from sweeps import restored, schedulers
 from sweeps.progress import LiveStatus
 from sweeps.ray_session import init_ray  # noqa: F401 - sweeps.driver.init_ray, as callers know it
-from sweeps.restored import CatchUpOnRestore
 from sweeps.tracking import OBJECTIVE
 from trainables.ray_trial import trainable
 
@@ -39,7 +38,7 @@ METRIC, MODE = "val_acc", "max"
 ASHA_STOPPED: set[str] = set()
 
 
-class ResumableASHA(CatchUpOnRestore, ASHAScheduler):
+class ResumableASHA(restored.CatchUpOnRestore, ASHAScheduler):
     """ASHA whose rungs (and searcher, sweeps/restored.py) survive ``Tuner.restore``.
 
     Ray Tune snapshots the trials but not the scheduler, so a resumed sweep's ASHA would
@@ -57,6 +56,7 @@ class ResumableASHA(CatchUpOnRestore, ASHAScheduler):
     def choose_trial_to_run(self, tune_controller):
         if not self._replayed:
             self._replayed = True
+            restored.forget_unlisted(tune_controller)
             replayed = self.replay(tune_controller.get_trials())
             if replayed:
                 print(f"ASHA: rungs rebuilt from {replayed} results recorded before the restart")

@@ -21,13 +21,15 @@ trial is asked for, the scheduler (``CatchUpOnRestore``) makes the searcher agre
   is neither held by a trial the list does not have nor given twice;
 - Optuna's study holds every trial of the list: a trial it does not remember is added with
   its own parameters (running, or finished with the objective it recorded), and a trial the
-  list shows finished is told to the study if the study still has it running.
+  list shows finished is told to the study if the study still has it running; a trial it
+  remembers that the list does not hold ends there as failed (``forget_unlisted``, at the
+  scheduler's first choice, once the list is whole).
 
 The trials' record can itself be older than a trial's folder. Ray Tune saves it about once
 a second, but deletes a trial's older checkpoint as soon as a newer one is registered; a
 driver killed in between leaves a record naming a checkpoint that no longer exists, and the
-trial would fail to restore. Such a trial resumes from the newest checkpoint in its folder
-instead (``catch_up_checkpoint``), with the results it recorded for it.
+trial would fail to restore. Such a trial resumes from a newer checkpoint in its folder
+instead (``catch_up_checkpoint``).
 """
 
 from __future__ import annotations
@@ -56,8 +58,12 @@ class CatchUpOnRestore:
 
     def on_trial_add(self, tune_controller, trial):
         if not self._replayed and tune_controller is not None:
-            catch_up(tune_controller)
-            catch_up_checkpoint(trial)
+            try:
+                catch_up(tune_controller)
+                catch_up_checkpoint(trial)
+            except Exception as e:  # noqa: BLE001 - the record stays as Tune restored it
+                print(f"warning: could not bring the restored record of trial {trial.trial_id} up to date "
+                      f"({type(e).__name__}: {e}); it goes on as Ray Tune restored it")
         super().on_trial_add(tune_controller, trial)
 
 
@@ -108,6 +114,28 @@ def _catch_up_optuna(searcher, trials) -> None:
         searcher._completed_trials.add(trial.trial_id)
 
 
+def forget_unlisted(tune_controller) -> int:
+    """Once every restored trial is in the list (the scheduler's first choice): the trials
+    the searcher remembers suggesting but the list does not hold will never run. They end
+    in its study as failed instead of staying there running, where constant liar would
+    keep steering TPE away from their parameters. Returns how many."""
+    from optuna.trial import TrialState
+    from ray.tune.search.optuna import OptunaSearch
+
+    generator = getattr(tune_controller, "search_alg", None)
+    searcher = getattr(generator, "searcher", None)
+    while hasattr(searcher, "searcher"):
+        searcher = searcher.searcher
+    if not isinstance(searcher, OptunaSearch):
+        return 0
+    listed = {t.trial_id for t in tune_controller.get_trials()}
+    unlisted = [i for i in searcher._ot_trials if i not in listed and i not in searcher._completed_trials]
+    for trial_id in unlisted:
+        searcher._ot_study.tell(searcher._ot_trials[trial_id], None, state=TrialState.FAIL)
+        searcher._completed_trials.add(trial_id)
+    return len(unlisted)
+
+
 def _params(searcher, trial) -> dict:
     flat = flatten_dict(trial.config)
     return {name: flat[name] for name in searcher._space}
@@ -118,27 +146,37 @@ CHECKPOINT_DIR = re.compile(r"checkpoint_(\d+)")
 
 def catch_up_checkpoint(trial) -> str | None:
     """A trial that will run again but whose recorded latest checkpoint is gone resumes from
-    the newest checkpoint in its folder newer than that one; returns its name (None when
-    nothing changed). Without one, Tune's restore fails as before and the trial ends errored."""
+    a newer checkpoint in its folder; returns its name (None when nothing changed). Without
+    one, Tune's restore fails as before and the trial ends errored.
+
+    The newest folder is taken when it is the only newer one (the checkpoint whose arrival
+    deleted the recorded one: complete, since a worker reports a checkpoint only once it is
+    stored) or when a recorded result names it; otherwise it may be one a killed worker was
+    still writing, and the one before it is taken. Its metrics are the result recorded for
+    it, which then also becomes the trial's last result; without one (Tune writes results
+    and its record in the same upload), the recorded checkpoint's, an iteration further per
+    checkpoint (one report per checkpoint), and the last result stays the record's, as the
+    schedulers' replay of the recorded results sees it."""
     latest = trial.latest_checkpoint_result
     if trial.status not in LIVE or latest is None or latest.checkpoint is None or trial.storage is None:
         return None
     fs, gone = latest.checkpoint.filesystem, latest.checkpoint.path
-    if fs.get_file_info(gone).type != pyarrow.fs.FileType.NotFound:
-        return None
     gone_index = _index(gone)
-    found = [(i, info.path) for info in fs.get_file_info(pyarrow.fs.FileSelector(trial.storage.trial_fs_path))
-             if info.type == pyarrow.fs.FileType.Directory and (i := _index(info.path)) is not None]
-    newer = [(i, path) for i, path in found if gone_index is not None and i > gone_index]
+    if gone_index is None or fs.get_file_info(gone).type != pyarrow.fs.FileType.NotFound:
+        return None
+    folder = pyarrow.fs.FileSelector(trial.storage.trial_fs_path, allow_not_found=True)
+    newer = sorted((i, info.path) for info in fs.get_file_info(folder)
+                   if info.type == pyarrow.fs.FileType.Directory and (i := _index(info.path)) is not None
+                   and i > gone_index)
     if not newer:
         return None
-    index, path = max(newer)
-    name = posixpath.basename(path)
     from sweeps.driver import _recorded_results
 
-    recorded = [r for r in _recorded_results(trial) if r.get("checkpoint_dir_name") == name]
-    # Not recorded either: one report per checkpoint, so its iteration is as many further on.
-    metrics = recorded[-1] if recorded else {
+    named = {r.get("checkpoint_dir_name"): r for r in _recorded_results(trial)}
+    index, path = newer[-1] if len(newer) == 1 or posixpath.basename(newer[-1][1]) in named else newer[-2]
+    name = posixpath.basename(path)
+    recorded = named.get(name)
+    metrics = dict(recorded) if recorded else {
         **latest.metrics, "checkpoint_dir_name": name,
         "training_iteration": latest.metrics.get("training_iteration", 0) + index - gone_index}
     manager = trial.run_metadata.checkpoint_manager
@@ -146,6 +184,9 @@ def catch_up_checkpoint(trial) -> str | None:
                                    if fs.get_file_info(r.checkpoint.path).type != pyarrow.fs.FileType.NotFound]
     manager.register_checkpoint(_TrainingResult(Checkpoint(path, filesystem=fs), metrics))
     trial.storage.current_checkpoint_index = index  # the last one written: the next goes after it
+    if recorded:
+        trial.run_metadata.last_result = {**recorded, "config": trial.config}
+    trial.run_metadata.invalidate_cache()
     trial.invalidate_json_state()
     print(f"trial {trial.trial_id}: its recorded checkpoint {posixpath.basename(gone)} is gone; "
           f"it resumes from the newer {name}")

@@ -26,7 +26,7 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from sweeps.restored import CatchUpOnRestore
+from sweeps import restored
 
 # Pauses this driver process decided: trial id -> the rungs it paused at, in order. Read by
 # the MLflow callback (a paused trial's run says so) and the tests.
@@ -45,7 +45,7 @@ def rung_milestones(grace_period: int, reduction_factor: float, max_t: int) -> l
     return out
 
 
-class PromotionScheduler(CatchUpOnRestore, FIFOScheduler):
+class PromotionScheduler(restored.CatchUpOnRestore, FIFOScheduler):
     """Asynchronous successive halving that pauses instead of stopping (see the module)."""
 
     def __init__(self, time_attr: str, metric: str, mode: str, max_t: int, grace_period: int = 1,
@@ -123,6 +123,7 @@ class PromotionScheduler(CatchUpOnRestore, FIFOScheduler):
         trials = tune_controller.get_trials()
         if not self._replayed:
             self._replayed = True
+            restored.forget_unlisted(tune_controller)
             self.replay(tune_controller, trials)
         self.sync(tune_controller, trials)
         found = self.candidates(trials)

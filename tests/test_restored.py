@@ -99,7 +99,11 @@ def test_a_searcher_newer_than_the_trials_forgets_what_they_do_not_hold(space, t
 
     assert newer.get_state()["counter"] == 2
     assert limiter(newer).live_trials == {t2.trial_id}  # the lane is not held by a trial no one runs
-    assert newer.next_trial() is not None  # so the second lane is given to a new trial
+    t4 = newer.next_trial()
+    assert t4 is not None  # so the second lane is given to a new trial
+    # and at the scheduler's first choice, the study no longer has the unlisted trial running
+    assert restored.forget_unlisted(Controller(newer, [t1, t2, t4])) == 1
+    assert [t.state.name for t in study(newer).trials] == ["COMPLETE", "RUNNING", "FAIL", "RUNNING"]
 
 
 def test_a_finished_trial_the_study_still_has_running_is_told_to_it(space, tmp_path):
@@ -189,6 +193,7 @@ def test_a_trial_whose_recorded_checkpoint_is_gone_resumes_from_the_newer_one_wi
     assert trial.latest_checkpoint_result.metrics["training_iteration"] == 4  # restore goes on from here
     assert trial.latest_checkpoint_result.metrics["val_acc"] == pytest.approx(0.3)
     assert trial.storage.current_checkpoint_index == 3  # the next checkpoint is written as checkpoint_000004
+    assert trial.last_result["training_iteration"] == 4  # as the schedulers' replay of result.json sees it
     assert (Path(trial.storage.trial_fs_path) / "checkpoint_000003" / "checkpoint.pt").exists()  # kept
 
 
@@ -196,6 +201,24 @@ def test_without_its_result_the_newer_checkpoint_counts_one_iteration_per_checkp
     trial = restored_trial(tmp_path, recorded=[1, 2], on_disk=[4], results=[0, 1, 2])
     assert restored.catch_up_checkpoint(trial) == "checkpoint_000004"
     assert trial.latest_checkpoint_result.metrics["training_iteration"] == 5
+    assert trial.last_result["training_iteration"] == 3  # the record's, as result.json has it
+
+
+@pytest.mark.parametrize("results, taken", [([0, 1, 2, 3], "checkpoint_000003"),  # the newest is recorded
+                                            ([0, 1, 2], "checkpoint_000002")])  # it may be half-written
+def test_of_two_newer_checkpoints_an_unrecorded_newest_is_passed_over(tmp_path, results, taken):
+    trial = restored_trial(tmp_path, recorded=[1], on_disk=[2, 3], results=results)
+    assert restored.catch_up_checkpoint(trial) == taken
+
+
+def test_a_record_that_cannot_be_read_leaves_the_trial_as_tune_restored_it(tmp_path, capsys):
+    trial = restored_trial(tmp_path, recorded=[2], on_disk=[3], results=[0, 1])
+    with open(Path(trial.storage.trial_fs_path) / "result.json", "a") as f:
+        f.write('{"val_acc": 0.3, "training_iter')  # cut off by the kill
+    controller = Controller(None, [trial])
+    driver.ResumableASHA(max_t=3, metric=driver.OBJECTIVE, mode=driver.MODE).on_trial_add(controller, trial)
+    assert Path(trial.checkpoint.path).name == "checkpoint_000002"
+    assert "could not bring the restored record of trial a up to date (JSONDecodeError" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("on_disk, status", [([2, 3], Trial.PENDING),  # the recorded one is there

@@ -25,11 +25,23 @@ def child_runs(client, name):
 
 
 def keep_first_searcher_record(record: Path, early: Path) -> None:
+    """Copy the searcher's record files the first time both are there and whole."""
+    import pickle
+
+    import ray.cloudpickle as cloudpickle
+
     files = [*record.glob("search_gen_state-*.json"), *record.glob("searcher-state-*.pkl")]
-    if len(files) == 2 and not early.exists():
-        early.mkdir()
-        for f in files:
-            (early / f.name).write_bytes(f.read_bytes())
+    if len(files) != 2 or early.exists():
+        return
+    contents = {f.name: f.read_bytes() for f in files}
+    try:
+        for content in contents.values():
+            cloudpickle.loads(content)
+    except (pickle.UnpicklingError, EOFError, ValueError):
+        return  # still being copied
+    early.mkdir()
+    for name, content in contents.items():
+        (early / name).write_bytes(content)
 
 
 def restore_first_searcher_record(record: Path, early: Path) -> tuple[int, int]:
@@ -46,7 +58,8 @@ def restore_first_searcher_record(record: Path, early: Path) -> tuple[int, int]:
 
 def test_killed_sweep_resumes_without_running_or_logging_anything_twice(tmp_path, cache_dir):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
-    args = [*RUN, "--space", "smoke", "--trials", str(TRIALS), "--name", "nightly",
+    # two lanes, as on a 2-core machine: on a bigger one all six would be suggested at once
+    args = [*RUN, "--space", "smoke", "--trials", str(TRIALS), "--max-concurrent", "2", "--name", "nightly",
             "--storage", str(tmp_path / "results"), "--tracking-uri", uri]
     driver = subprocess.Popen(args, cwd=tmp_path, stdout=open(tmp_path / "first.log", "w"),
                               stderr=subprocess.STDOUT, start_new_session=True)
