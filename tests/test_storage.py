@@ -305,3 +305,41 @@ def test_storage_on_a_gcs_bucket(gcs_bucket):
     assert storage.exists(folder.location("best", "model.pt"))
     assert _gcs_files(api, "results/s2/") == {"results/s2/sweep_summary.json": b'{"name": "s2"}',
                                               "results/s2/best/model.pt": weights}
+
+
+@pytest.mark.slow
+def test_a_restored_trial_on_s3_whose_recorded_checkpoint_is_gone_resumes_from_the_newer_one(
+        s3_bucket, monkeypatch):
+    """sweeps/restored.py on the bucket: S3 has no folders, only keys under prefixes."""
+    from ray import tune
+    from ray.train._internal.session import _TrainingResult
+    from ray.train._internal.storage import StorageContext
+    from ray.tune.experiment import Trial
+
+    from sweeps import restored
+
+    uri, s3 = s3_bucket
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    tune.register_trainable("s3_fake", lambda config: None)
+    storage = StorageContext(storage_path=uri, experiment_dir_name="sweep", trial_dir_name="trial_a")
+    trial = Trial("s3_fake", config={"lr": 0.1}, trial_id="a", storage=storage,
+                  checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="val_acc",
+                                                          checkpoint_score_order="max"))
+    prefix = "results/sweep/trial_a"
+    for i in (1, 2):
+        s3.put_object(Bucket="sweeps", Key=f"{prefix}/checkpoint_00000{i}/checkpoint.pt", Body=b"x")
+    first = {"val_acc": 0.5, "training_iteration": 2, "checkpoint_dir_name": "checkpoint_000001"}
+    trial.on_checkpoint(_TrainingResult(
+        tune.Checkpoint(f"{storage.trial_fs_path}/checkpoint_000001", filesystem=storage.storage_filesystem), first))
+    trial.run_metadata.last_result = first
+    s3.delete_object(Bucket="sweeps", Key=f"{prefix}/checkpoint_000001/checkpoint.pt")  # Tune deleted it
+    s3.put_object(Bucket="sweeps", Key=f"{prefix}/result.json",
+                  Body=(json.dumps(first) + "\n" + json.dumps({**first, "val_acc": 0.6, "training_iteration": 3,
+                                                               "checkpoint_dir_name": "checkpoint_000002"})).encode())
+    trial.set_status(Trial.PENDING)
+
+    assert restored.catch_up_checkpoint(trial) == "checkpoint_000002"
+    assert trial.checkpoint.path == f"{storage.trial_fs_path}/checkpoint_000002"
+    assert trial.latest_checkpoint_result.metrics["training_iteration"] == 3
+    assert f"{prefix}/checkpoint_000002/checkpoint.pt" in _keys(s3, prefix)
