@@ -7,9 +7,10 @@ searcher itself (``searcher-state-*.pkl``). It writes them one after another and
 them as separate objects, so a driver killed mid-write or mid-upload (on S3 an upload takes
 long enough to be hit) can leave a searcher record that is older, or newer, than the trial
 list. ``Tuner.restore`` takes each file as it finds it. Seen here: a sweep of 6 trials,
-killed as its first trial ended and resumed, ran 7, because the generator remembered
-suggesting 2 trials while the trial list held 3; and the limiter never passed the third
-trial's result on to TPE.
+killed as its first trial ended and resumed on S3, ran 7: the generator remembered
+suggesting fewer trials than the list held. With a searcher record older than the trials,
+the limiter also never passes an unremembered trial's result on to TPE, and Optuna fails on
+its first result (a KeyError: the resume stops).
 
 The trial list is the record to trust: it is what resume runs, and what MLflow's trial runs
 and the checkpoints belong to. While the restored trials are added, before the first new
