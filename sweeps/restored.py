@@ -79,13 +79,22 @@ def catch_up(tune_controller) -> None:
         state["finished"] = state["finished"] and state["counter"] >= state["total_samples"]
         generator.set_state(state)
     live = {t.trial_id for t in trials if t.status in LIVE}
-    searcher = generator.searcher
-    while hasattr(searcher, "searcher"):
-        if isinstance(searcher, ConcurrencyLimiter) and searcher.live_trials != live:
-            searcher.live_trials = set(live)
-            searcher.num_unfinished_live_trials = len(live)
-        searcher = searcher.searcher
+    *wrappers, searcher = _searchers(generator)
+    for limiter in wrappers:
+        if isinstance(limiter, ConcurrencyLimiter) and limiter.live_trials != live:
+            limiter.live_trials = set(live)
+            limiter.num_unfinished_live_trials = len(live)
     _catch_up_optuna(searcher, trials)
+
+
+def _searchers(generator) -> list:
+    """The searcher a search generator wraps, outermost first (limiters, then the searcher)."""
+    chain = []
+    searcher = getattr(generator, "searcher", None)
+    while searcher is not None:
+        chain.append(searcher)
+        searcher = getattr(searcher, "searcher", None)
+    return chain or [None]
 
 
 def _catch_up_optuna(searcher, trials) -> None:
@@ -123,10 +132,7 @@ def forget_unlisted(tune_controller) -> int:
     from optuna.trial import TrialState
     from ray.tune.search.optuna import OptunaSearch
 
-    generator = getattr(tune_controller, "search_alg", None)
-    searcher = getattr(generator, "searcher", None)
-    while hasattr(searcher, "searcher"):
-        searcher = searcher.searcher
+    searcher = _searchers(getattr(tune_controller, "search_alg", None))[-1]
     if not isinstance(searcher, OptunaSearch):
         return 0
     listed = {t.trial_id for t in tune_controller.get_trials()}
