@@ -133,14 +133,18 @@ def collect(into: list, keep_dir: Path | None = None):
     return report
 
 
-def small_sweep(name: str, tmp_path_factory) -> tuple[dict, str]:
-    """A 2-trial smoke sweep on the digits demo logged to its own sqlite store:
-    (its sweep_summary.json, the tracking URI)."""
+DEMO_SWEEP = "demo-sweep"
+
+
+@pytest.fixture(scope="session")
+def demo_sweep(cache_dir, tmp_path_factory) -> tuple[dict, str]:
+    """A 2-trial smoke sweep on the digits demo, named ``DEMO_SWEEP`` and logged to its own
+    sqlite store, shared by the tests that only read it: (its sweep_summary.json, the tracking URI)."""
     import json
 
-    cwd = tmp_path_factory.mktemp(name)
+    cwd = tmp_path_factory.mktemp(DEMO_SWEEP)
     uri = f"sqlite:///{cwd}/mlflow.db"
-    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", name,
+    proc = run_sweep(["--space", "smoke", "--trials", "2", "--max-epochs", "2", "--name", DEMO_SWEEP,
                       "--tracking-uri", uri, "--storage", str(cwd / "results")], cwd)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return json.loads(Path(proc.stdout.strip().splitlines()[-1]).read_text()), uri

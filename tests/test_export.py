@@ -14,16 +14,16 @@ from torchvision.models import get_model
 
 from sweeps.export import build_parser, main
 
-from conftest import ROOT, assert_help_documents_every_flag, free_port, small_sweep
+from conftest import DEMO_SWEEP, ROOT, assert_help_documents_every_flag, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mlflow_env")]
 EXPORT = [sys.executable, str(ROOT / "sweeps" / "export.py")]
 
 
 @pytest.fixture(scope="module")
-def sweep(cache_dir, tmp_path_factory):
-    """One smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
-    return small_sweep("export-test", tmp_path_factory)
+def sweep(demo_sweep):
+    """The shared smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
+    return demo_sweep
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_torchscript_matches_the_checkpoint(sweep, checkpoint, tmp_path):
     model, meta = checkpoint
     out = tmp_path / "models" / "best.pt"  # the folder does not exist yet
     # As a user runs it, and --run by sweep name.
-    proc = subprocess.run([*EXPORT, "--tracking-uri", uri, "--run", "export-test", "--format", "torchscript",
+    proc = subprocess.run([*EXPORT, "--tracking-uri", uri, "--run", DEMO_SWEEP, "--format", "torchscript",
                            "--out", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip().splitlines()[-1] == str(out)
@@ -63,7 +63,7 @@ def test_torchscript_matches_the_checkpoint(sweep, checkpoint, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(scripted(x), model(x))
     embedded = json.loads(extra["meta.json"])
-    assert embedded["run_id"] == summary["parent_run_id"] and embedded["sweep"] == "export-test"
+    assert embedded["run_id"] == summary["parent_run_id"] and embedded["sweep"] == DEMO_SWEEP
     assert {k: embedded[k] for k in meta} == meta
     assert [p.name for p in out.parent.iterdir()] == ["best.pt"]  # no temporary file left
 
@@ -94,7 +94,7 @@ def test_bad_input_exits_2(sweep, tmp_path, capsys):
     out = tmp_path / "best.pt"
     cases = [(["--tracking-uri", uri, "--run", "no-such-sweep"], "no sweep named 'no-such-sweep'"),
              (["--tracking-uri", f"http://127.0.0.1:{free_port()}", "--run", "x"], "unreachable"),
-             (["--tracking-uri", uri, "--run", "export-test", "--out", str(tmp_path)], "is a folder")]
+             (["--tracking-uri", uri, "--run", DEMO_SWEEP, "--out", str(tmp_path)], "is a folder")]
     for argv, message in cases:
         argv = argv if "--out" in argv else [*argv, "--out", str(out)]
         assert main(argv) == 2, argv

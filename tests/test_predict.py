@@ -15,16 +15,16 @@ from sweeps.predict import build_parser, main
 from trainables import demo
 from trainables.data import scan
 
-from conftest import ROOT, assert_help_documents_every_flag, free_port, small_sweep
+from conftest import DEMO_SWEEP, ROOT, assert_help_documents_every_flag, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mlflow_env")]
 PREDICT = [sys.executable, str(ROOT / "sweeps" / "predict.py")]
 
 
 @pytest.fixture(scope="module")
-def sweep(cache_dir, tmp_path_factory):
-    """One smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
-    return small_sweep("predict-test", tmp_path_factory)
+def sweep(demo_sweep):
+    """The shared smoke sweep on the digits demo, logged to sqlite: (summary, tracking URI)."""
+    return demo_sweep
 
 
 def val_tree(root: Path, seed: int) -> int:
@@ -83,7 +83,7 @@ def image_dir(root: Path, good: int = 2) -> Path:
 def test_unreadable_files_are_listed_and_left_out(sweep, tmp_path, capsys):
     summary, uri = sweep
     images, out = image_dir(tmp_path / "in"), tmp_path / "preds.csv"
-    assert main(["--tracking-uri", uri, "--run", "predict-test", "--images", str(images),
+    assert main(["--tracking-uri", uri, "--run", DEMO_SWEEP, "--images", str(images),
                  "--out", str(out), "--top-k", "1"]) == 0
     err = capsys.readouterr().err
     assert f"unreadable: {images / 'broken.png'}" in err
@@ -122,7 +122,7 @@ def test_bad_input_exits_2_naming_the_problem(sweep, tmp_path, capsys):
         (["--tracking-uri", uri, "--run", "0" * 32, *ok[2:]], "no run with id"),
         (["--tracking-uri", uri, "--run", "no-such-sweep", *ok[2:]], "no sweep named 'no-such-sweep'"),
         (["--tracking-uri", uri, "--run", runs["trial"], *ok[2:]],
-         f"is a trial of sweep predict-test; pass the sweep's run {summary['parent_run_id']}"),
+         f"is a trial of sweep {DEMO_SWEEP}; pass the sweep's run {summary['parent_run_id']}"),
         (["--tracking-uri", uri, "--run", runs["bare"], *ok[2:]], "has no model/ artifact (the MLflow Model"),
         (["--tracking-uri", uri, "--run", "models:/no-such-model@champion", *ok[2:]],
          "models:/no-such-model@champion does not exist"),
