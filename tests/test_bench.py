@@ -137,7 +137,7 @@ def test_benchmark_writes_every_figure(tmp_path):
         [sys.executable, str(ROOT / "benchmarks" / "bench.py"), "--out", str(out), "--data", str(folder),
          "--image-size", "32", "--cpus", "2", "--trials", "2", "--epochs", "1", "--limit-epochs", "1",
          "--decode-trials", "2", "--overhead-trials", "4", "--rounds", "1", "--feature-epochs", "1",
-         "--rampup-lanes", "3", "--rampup-sleep", "12", "--work-dir", str(tmp_path / "work")],
+         "--rampup-lanes", "3", "--rampup-sleep", "6", "--work-dir", str(tmp_path / "work")],
         cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads(out.read_text())
