@@ -47,10 +47,10 @@ def plan_and_join_ray(args):
     On one machine the start-up overlaps. Once the quick checks have passed (the space,
     flags, model name, resources, tracking server), Ray starts in the main thread, where it
     sets its signal handlers; meanwhile a helper thread runs the slower checks (scanning
-    and decoding the data, building the model) and opens the sweep's MLflow run. When a
-    slower check fails, Ray is shut down again and nothing was logged. On a cluster every
-    check comes first, then Ray: nothing is logged when a node cannot see the storage or
-    fit a trial.
+    and decoding the data, building the model) and opens the sweep's MLflow run, at a lower
+    priority than Ray's start-up (``behind_ray_start``). When a slower check fails, Ray is
+    shut down again and nothing was logged. On a cluster every check comes first, then Ray:
+    nothing is logged when a node cannot see the storage or fit a trial.
     """
     if args.ray_address or os.environ.get("RAY_ADDRESS"):
         plan = prepare(args)
@@ -69,6 +69,7 @@ def plan_and_join_ray(args):
         decided.set()
 
     def plan_and_open():
+        behind_ray_start()
         try:
             plan = prepare(args, checked=quick_checks_passed)
         finally:
@@ -98,6 +99,19 @@ def plan_and_join_ray(args):
         raise
     finally:
         pool.shutdown(wait=False)
+
+
+def behind_ray_start(by: int = 10) -> None:
+    """Lower this thread's priority ``by`` niceness steps (Linux schedules each thread on its
+    own). The helper thread's work (the slower checks, MLflow's import, the sweep's MLflow
+    run) is needed only when the first trial starts; Ray's start-up processes, which that
+    trial waits for, then get the CPU first where cores are few. The thread ends once the
+    sweep is open; the MLflow writer it starts runs lower still (``SCHED_IDLE``)."""
+    if sys.platform != "linux":  # elsewhere the id of a thread may name another process
+        return
+    tid = threading.get_native_id()
+    with contextlib.suppress(OSError):
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
 
 
 def _lanes(args) -> int:

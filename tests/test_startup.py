@@ -157,3 +157,34 @@ def test_the_raylet_prestarts_workers_only_when_each_one_gets_a_trial(monkeypatc
     assert settings["num_workers_soft_limit"] == lanes
     assert settings["preload_python_modules"] == list(ray_session.TRIAL_MODULES)
     assert settings.get("enable_worker_prestart", False) == at_raylet_start
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
+def test_the_slower_checks_run_behind_ray_start_and_the_driver_does_not(monkeypatch):
+    """While Ray starts in the main thread, the helper thread that runs the slower checks and
+    opens the sweep's MLflow run does so 10 niceness steps lower; the main thread, which
+    goes on to run the sweep, keeps its priority."""
+    import os
+    import threading
+
+    import sweeps.ray_session
+    import sweeps.run
+
+    def niceness() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    seen = {}
+
+    def checks(args, checked):
+        checked()
+        seen["checks"] = niceness()
+        return "plan"
+
+    monkeypatch.setattr(sweeps.run, "prepare", checks)
+    monkeypatch.setattr(sweeps.ray_session, "init_ray", lambda *a, **k: seen.setdefault("ray", niceness()))
+    monkeypatch.setattr(sweeps.run, "open_sweep", lambda plan: seen.setdefault("open", niceness()))
+    main_thread = niceness()
+    args = sweeps.run.build_parser().parse_args(["--space", "smoke", "--trials", "1"])
+    assert sweeps.run.plan_and_join_ray(args) == ("plan", min(19, main_thread + 10))
+    assert seen == {"ray": main_thread, "checks": min(19, main_thread + 10), "open": min(19, main_thread + 10)}
+    assert niceness() == main_thread
