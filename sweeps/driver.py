@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 
 import ray
@@ -67,25 +66,12 @@ class ResumableASHA(restored.CatchUpOnRestore, ASHAScheduler):
             return 0
         replayed = 0
         for trial in trials:
-            for result in _recorded_results(trial):
+            for result in restored.recorded_results(trial):
                 if self._metric in result and self._time_attr in result:
                     self._brackets[0].on_result(trial, result[self._time_attr],
                                                 self._metric_op * result[self._metric])
                     replayed += 1
         return replayed
-
-
-def _recorded_results(trial) -> list[dict]:
-    """The results a trial reported before the driver stopped (its result.json)."""
-    if not trial.last_result or trial.storage is None or not trial.storage.trial_dir_name:
-        return []  # a new trial: nothing recorded yet
-    try:
-        fs = trial.storage.storage_filesystem
-        with fs.open_input_stream(f"{trial.storage.trial_fs_path}/result.json") as f:
-            text = f.read().decode()
-    except OSError:
-        return []
-    return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
 def param_space(space) -> dict:

@@ -35,6 +35,7 @@ instead (``catch_up_checkpoint``).
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 
@@ -177,9 +178,7 @@ def catch_up_checkpoint(trial) -> str | None:
                    and i > gone_index)
     if not newer:
         return None
-    from sweeps.driver import _recorded_results
-
-    named = {r.get("checkpoint_dir_name"): r for r in _recorded_results(trial)}
+    named = {r.get("checkpoint_dir_name"): r for r in recorded_results(trial)}
     index, path = newer[-1] if len(newer) == 1 or posixpath.basename(newer[-1][1]) in named else newer[-2]
     name = posixpath.basename(path)
     recorded = named.get(name)
@@ -203,3 +202,16 @@ def catch_up_checkpoint(trial) -> str | None:
 def _index(path: str) -> int | None:
     match = CHECKPOINT_DIR.fullmatch(posixpath.basename(path))
     return int(match.group(1)) if match else None
+
+
+def recorded_results(trial) -> list[dict]:
+    """The results a trial reported before the driver stopped (its result.json)."""
+    if not trial.last_result or trial.storage is None or not trial.storage.trial_dir_name:
+        return []  # a new trial: nothing recorded yet
+    try:
+        fs = trial.storage.storage_filesystem
+        with fs.open_input_stream(f"{trial.storage.trial_fs_path}/result.json") as f:
+            text = f.read().decode()
+    except OSError:
+        return []
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

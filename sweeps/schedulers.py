@@ -180,11 +180,9 @@ class PromotionScheduler(restored.CatchUpOnRestore, FIFOScheduler):
     def replay(self, tune_controller, trials) -> int:
         """Rebuild the rungs from every trial's recorded results, and put back in PAUSED the
         unfinished trials whose last result is a rung they did not go on from."""
-        from sweeps.driver import _recorded_results
-
         replayed = 0
         for trial in trials:
-            results = _recorded_results(trial)
+            results = restored.recorded_results(trial)
             last = max((int(r.get(self._time_attr, 0)) for r in results), default=0)
             for r in results:
                 t = int(r.get(self._time_attr, 0))

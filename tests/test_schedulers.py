@@ -8,7 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sweeps import driver, schedulers
+from sweeps import driver, restored, schedulers
 from sweeps.schedulers import LaneLimiter, PromotionScheduler, TopKScheduler, rung_milestones
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, scan
@@ -77,7 +77,7 @@ def fresh_records(monkeypatch):
     monkeypatch.setattr(schedulers, "PAUSES", {})
     monkeypatch.setattr(schedulers, "PAUSED", set())
     monkeypatch.setattr(driver, "ASHA_STOPPED", set())
-    monkeypatch.setattr(driver, "_recorded_results", lambda trial: getattr(trial, "recorded", []))
+    monkeypatch.setattr(restored, "recorded_results", lambda trial: getattr(trial, "recorded", []))
 
 
 def promotion(max_t=4, eta=2):
