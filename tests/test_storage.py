@@ -182,7 +182,7 @@ def test_a_sweep_killed_and_resumed_on_s3_keeps_summary_checkpoints_and_best_mod
     # enough trials that some are left when the first ends, with every lane busy at once
     trials, tracking = 6, f"sqlite:///{tmp_path}/mlflow.db"
     # One epoch per trial keeps it short; a record older than a trial's checkpoints is tested
-    # in test_schedulers (a killed promotion sweep) and test_restored.
+    # in test_promotion_sweeps (a killed promotion sweep) and test_restored.
     args = ["--space", "smoke", "--trials", str(trials), "--max-epochs", "1", "--name", "on-s3",
             "--storage", uri, "--tracking-uri", tracking]
     driver = subprocess.Popen([*RUN, *args], cwd=tmp_path, env={**os.environ, **S3_ENV},
