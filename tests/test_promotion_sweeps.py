@@ -5,13 +5,14 @@ scheduler's decisions on scripted results are in tests/test_schedulers.py."""
 
 import pytest
 
-from sweeps import schedulers
+from sweeps import driver, schedulers
 
 
 @pytest.fixture(autouse=True)
 def fresh_records(monkeypatch):
     monkeypatch.setattr(schedulers, "PAUSES", {})
     monkeypatch.setattr(schedulers, "PAUSED", set())
+    monkeypatch.setattr(driver, "ASHA_STOPPED", set())
 
 
 PROMOTION_SPACE = """\
