@@ -64,12 +64,12 @@ def plan_and_join_ray(args):
 
     passed, decided, cancelled = [], threading.Event(), threading.Event()
 
-    def quick_checks_passed():
+    def quick_checks_passed():  # on the helper thread, which now falls behind Ray's start
+        behind_ray_start()
         passed.append(True)
         decided.set()
 
     def plan_and_open():
-        behind_ray_start()
         try:
             plan = prepare(args, checked=quick_checks_passed)
         finally:
