@@ -139,7 +139,8 @@ DEMO_SWEEP = "demo-sweep"
 @pytest.fixture(scope="session")
 def demo_sweep(cache_dir, tmp_path_factory) -> tuple[dict, str]:
     """A 2-trial smoke sweep on the digits demo, named ``DEMO_SWEEP`` and logged to its own
-    sqlite store, shared by the tests that only read it: (its sweep_summary.json, the tracking URI)."""
+    sqlite store, shared by tests that leave the sweep as it is (they may add runs of other
+    names to the store): (its sweep_summary.json, the tracking URI)."""
     import json
 
     cwd = tmp_path_factory.mktemp(DEMO_SWEEP)
