@@ -73,10 +73,7 @@ def resume(scheduler, tc):
 
 
 @pytest.fixture(autouse=True)
-def fresh_records(monkeypatch):
-    monkeypatch.setattr(schedulers, "PAUSES", {})
-    monkeypatch.setattr(schedulers, "PAUSED", set())
-    monkeypatch.setattr(driver, "ASHA_STOPPED", set())
+def fresh_records(fresh_scheduler_records, monkeypatch):
     monkeypatch.setattr(restored, "recorded_results", lambda trial: getattr(trial, "recorded", []))
 
 
