@@ -5,14 +5,9 @@ scheduler's decisions on scripted results are in tests/test_schedulers.py."""
 
 import pytest
 
-from sweeps import driver, schedulers
+from sweeps import schedulers
 
-
-@pytest.fixture(autouse=True)
-def fresh_records(monkeypatch):
-    monkeypatch.setattr(schedulers, "PAUSES", {})
-    monkeypatch.setattr(schedulers, "PAUSED", set())
-    monkeypatch.setattr(driver, "ASHA_STOPPED", set())
+pytestmark = pytest.mark.usefixtures("fresh_scheduler_records")
 
 
 PROMOTION_SPACE = """\
@@ -144,13 +139,19 @@ def test_a_killed_promotion_sweep_resumes_with_its_paused_trials_paused(tmp_path
         return client.search_runs(experiments, "tags.`ftsweep.sweep` = 'killed' and tags.`ftsweep.role` = 'trial'")
 
     try:
+        def paused() -> set[str]:
+            return {r.data.tags["ftsweep.trial_id"] for r in trial_runs() if r.data.tags.get("outcome") == "paused"}
+
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver_proc.poll() is None:
-            if any(r.data.tags.get("outcome") == "paused" for r in trial_runs()):
+            seen = paused()
+            if not seen:
+                time.sleep(0.5)
+                continue
+            time.sleep(1.5)  # Tune snapshots its trials every second
+            if seen & paused():  # still waiting after a snapshot (a promoted one would not be): kill now
                 break
-            time.sleep(0.5)
         assert driver_proc.poll() is None, "the sweep finished before it could be killed"
-        time.sleep(1.5)  # Tune snapshots its trials every second
         os.kill(driver_proc.pid, signal.SIGKILL)  # the driver dies without any cleanup
         driver_proc.wait()
     finally:
