@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     started = time.time()
     try:
-        from sweeps.driver import environment
+        from sweeps.tune.driver import environment
 
         with environment(FTSWEEP_CACHE=str(work / "cache")):
             figures = measure(args, work)

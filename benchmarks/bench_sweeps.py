@@ -77,10 +77,10 @@ def in_process(argv: list[str], log: Path, trainable=None, ray_cpus: int | None 
     its plan. Ray is shut down after it, so the next sweep starts Ray afresh."""
     import ray
 
-    from sweeps import driver
     from sweeps.cli import build_parser
-    from sweeps.plan import prepare
+    from sweeps.plan.prepare import prepare
     from sweeps.run import execute
+    from sweeps.tune import driver
 
     ship_by_value()
     with open(log, "a") as out, contextlib.redirect_stdout(out):
@@ -104,7 +104,7 @@ def bare_tune(plan, trials: int, concurrent: int | None, log: Path, reuse_actors
     from ray import tune
     from ray.tune.logger import JsonLoggerCallback
 
-    from sweeps import driver
+    from sweeps.tune import driver
 
     ship_by_value()
     name = f"bare-{time.time_ns()}"

@@ -39,7 +39,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from trainables.config import TrialConfig  # noqa: E402
-from trainables.data import Batches, DataHandle, scan  # noqa: E402
+from trainables.data import DataHandle, scan  # noqa: E402
+from trainables.pipeline import Batches  # noqa: E402
 from trainables.train import device_options, run_trial  # noqa: E402
 
 OFF = {"amp": False, "channels_last": False, "pin_memory": False}
@@ -165,7 +166,7 @@ def feed(args, handle: DataHandle, model_name: str) -> dict:
     RandomResizedCrop + flip on the device) and fed random tensors of the same shape that
     are already on the device; alternating epochs after one warm-up each, medians."""
     from trainables.models import build_model, stages
-    from trainables.train import Step, make_optimizer, make_scheduler
+    from trainables.train import Step, lr_schedule, make_optimizer
 
     dev = torch.device(args.device)
     cfg = trial_config(args, model_name, augment_strength=1.0)
@@ -187,7 +188,7 @@ def feed(args, handle: DataHandle, model_name: str) -> dict:
     random = [(pool[i % 2][:n], labels[:n]) for i, n in enumerate(shapes)]
     optimizer = make_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
     step = Step(model, stages(model, model_name), cfg, optimizer,
-                make_scheduler(cfg, optimizer, len(fed)), dev, 0, options)
+                lr_schedule(cfg, optimizer, len(fed)), dev, 0, options)
     model.train()
     rates: dict[str, list[float]] = {"fed": [], "random": []}
     for epoch in range(args.epochs):

@@ -1,6 +1,6 @@
 """Read a sweep back from MLflow: one pandas row per trial, plus every trial's val_acc curve.
 
-Everything comes from what ``sweeps/tracking.py`` wrote (the parent run's tags and
+Everything comes from what ``sweeps/records/tracking.py`` wrote (the parent run's tags and
 ``search.<key>`` params, the child runs' params, tags, times and per-epoch metrics), so a
 report can be made anywhere the tracking server can be reached, long after the sweep.
 """
@@ -8,18 +8,17 @@ report can be made anywhere the tracking server can be reached, long after the s
 from __future__ import annotations
 
 import ast
-import re
 import time
 from dataclasses import dataclass
 
 import pandas as pd
 from mlflow.entities import Run
-from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 
-from sweeps.tracking import OUTCOMES as FINISHED_OUTCOMES
-from sweeps.tracking import TAG_ROLE, TAG_SWEEP, TAG_TRIAL
+from sweeps.records import format
+from sweeps.records.format import OUTCOMES as FINISHED_OUTCOMES
+from sweeps.records.format import TAG_ROLE, TAG_SWEEP, TAG_TRIAL
 from trainables.config import TrialConfig, coerce
 
 OUTCOMES = (*FINISHED_OUTCOMES, "running")
@@ -116,20 +115,12 @@ def load_sweep(client: MlflowClient, sweep: str, with_seed_recipe: bool = True) 
 
 
 def find_parent(client: MlflowClient, sweep: str) -> Run:
-    if re.fullmatch(r"[0-9a-f]{32}", sweep):
-        try:
-            run = client.get_run(sweep)
-            if run.data.tags.get(TAG_ROLE) == "parent":
-                return run
-        except MlflowException:
-            pass  # not a run id after all: try it as a sweep name
-    if not re.fullmatch(r"[\w.-]+", sweep):
+    if not (format.RUN_ID.fullmatch(sweep) or format.SWEEP_NAME.fullmatch(sweep)):
         raise SweepNotFound(f"--sweep {sweep!r} is neither a sweep name nor a parent run id")
-    experiments = [e.experiment_id for e in client.search_experiments()]
-    found = _search(client, experiments, f"tags.`{TAG_SWEEP}` = '{sweep}' and tags.`{TAG_ROLE}` = 'parent'")
-    if found:
-        return found[0]  # newest first: a name reused in another experiment means the latest
-    known = _search(client, experiments, f"tags.`{TAG_ROLE}` = 'parent'", limit=20)
+    found = format.find_parent_run(client, sweep)
+    if found is not None:
+        return found
+    known = _search(client, format.experiment_ids(client), f"tags.`{TAG_ROLE}` = 'parent'", limit=20)
     names = ", ".join(r.data.tags.get(TAG_SWEEP, "?") for r in known) or "none"
     raise SweepNotFound(f"no sweep {sweep!r} in {client.tracking_uri}; newest sweeps there: {names}")
 

@@ -222,7 +222,7 @@ def model_sizes(client, sweep: Sweep) -> pd.DataFrame | None:
 def size_section(sweep: Sweep, sizes: pd.DataFrame | None, drop: float) -> str:
     if sizes is None or sizes.empty:
         return ""
-    from sweeps.summary import smallest_within_drop  # the rule sweep_summary.json uses; imports torch
+    from sweeps.results.summary import smallest_within_drop  # the rule sweep_summary.json uses; imports torch
 
     models = sizes.to_dict("records")
     pick, best = smallest_within_drop(models, drop), smallest_within_drop(models, 0.0)

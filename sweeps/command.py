@@ -16,10 +16,11 @@ from importlib import metadata
 # subcommand: (module with main(argv) -> int, the script it stands for, what it does)
 COMMANDS = {
     "run": ("sweeps.run", "sweeps/run.py", "run a fine-tuning sweep on this machine or a Ray cluster"),
-    "submit": ("sweeps.submit", "sweeps/submit.py", "submit a sweep to a Ray cluster as a Ray Job"),
+    "submit": ("sweeps.tools.submit", "sweeps/tools/submit.py", "submit a sweep to a Ray cluster as a Ray Job"),
     "report": ("dashboards.report", "dashboards/report.py", "write a sweep's HTML report from MLflow"),
-    "predict": ("sweeps.predict", "sweeps/predict.py", "classify a folder of images with a sweep's best model"),
-    "export": ("sweeps.export", "sweeps/export.py", "export a sweep's best model as TorchScript or ONNX"),
+    "predict": ("sweeps.tools.predict", "sweeps/tools/predict.py",
+                "classify a folder of images with a sweep's best model"),
+    "export": ("sweeps.tools.export", "sweeps/tools/export.py", "export a sweep's best model as TorchScript or ONNX"),
 }
 
 

@@ -17,9 +17,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sweeps import storage  # noqa: E402
 from sweeps.cli import build_parser  # noqa: E402
-from sweeps.plan import UsageError, prepare  # noqa: E402
+from sweeps.errors import UsageError  # noqa: E402
+from sweeps.plan.prepare import prepare  # noqa: E402
+from sweeps.results import storage  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -47,10 +48,10 @@ def plan_and_join_ray(args):
     On one machine the start-up overlaps. Once the quick checks have passed (the space,
     flags, model name, resources, tracking server), Ray starts in the main thread, where it
     sets its signal handlers; meanwhile a helper thread runs the slower checks (scanning
-    and decoding the data, building the model) and opens the sweep's MLflow run, at a lower
-    priority than Ray's start-up (``behind_ray_start``). When a slower check fails, Ray is
-    shut down again and nothing was logged. On a cluster every check comes first, then Ray:
-    nothing is logged when a node cannot see the storage or fit a trial.
+    and decoding the data, building the model) and opens the sweep's MLflow run. When a
+    slower check fails, Ray is shut down again and nothing was logged. On a cluster every
+    check comes first, then Ray: nothing is logged when a node cannot see the storage or
+    fit a trial.
     """
     if args.ray_address or os.environ.get("RAY_ADDRESS"):
         plan = prepare(args)
@@ -60,20 +61,15 @@ def plan_and_join_ray(args):
 
     import ray
 
-    from sweeps.ray_session import init_ray
+    from sweeps.tune.ray_session import init_ray
 
-    passed, decided, cancelled = [], threading.Event(), threading.Event()
-
-    def quick_checks_passed():  # on the helper thread, which now falls behind Ray's start
-        behind_ray_start()
-        passed.append(True)
-        decided.set()
+    quick_checks_done, cancelled = threading.Event(), threading.Event()
 
     def plan_and_open():
         try:
-            plan = prepare(args, checked=quick_checks_passed)
+            plan = prepare(args, checked=quick_checks_done.set)
         finally:
-            decided.set()  # a failed check decides too
+            quick_checks_done.set()  # a failed check ends them too
         if cancelled.is_set():  # Ctrl-C, or Ray could not start: open nothing
             raise UsageError("the sweep was cancelled before it started")
         return plan, open_sweep(plan)
@@ -81,9 +77,9 @@ def plan_and_join_ray(args):
     pool = ThreadPoolExecutor(1, thread_name_prefix="prepare")
     planning = pool.submit(plan_and_open)
     try:
-        decided.wait()
-        if not passed:
-            return planning.result()  # raises the quick check's UsageError: Ray never started
+        quick_checks_done.wait()
+        if planning.done() and planning.exception() is not None:
+            planning.result()  # raises the check's error: Ray never started
         init_ray(None, lanes=_lanes(args))
         return planning.result()
     except BaseException:
@@ -101,19 +97,6 @@ def plan_and_join_ray(args):
         pool.shutdown(wait=False)
 
 
-def behind_ray_start(by: int = 10) -> None:
-    """Lower this thread's priority ``by`` niceness steps (Linux schedules each thread on its
-    own). The helper thread's work (the slower checks, MLflow's import, the sweep's MLflow
-    run) is needed only when the first trial starts; Ray's start-up processes, which that
-    trial waits for, then get the CPU first where cores are few. The thread ends once the
-    sweep is open; the MLflow writer it starts runs lower still (``SCHED_IDLE``)."""
-    if sys.platform != "linux":  # elsewhere the id of a thread may name another process
-        return
-    tid = threading.get_native_id()
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))
-
-
 def _lanes(args) -> int:
     """Trials this machine runs at once as its CPUs allow, at most --max-concurrent and
     --trials (GPUs are counted later: this only sizes the workers Ray prestarts)."""
@@ -125,7 +108,7 @@ def _lanes(args) -> int:
 
 def open_sweep(plan):
     """The sweep's folder (``storage.SweepFolder``) and its MLflow parent run (``SweepTracker``)."""
-    from sweeps.tracking import SweepTracker
+    from sweeps.records.tracking import SweepTracker
 
     try:  # the name is claimed here, atomically: a second driver of this sweep stops now
         folder = storage.SweepFolder(plan.sweep_dir, resume=plan.resume)
@@ -137,11 +120,12 @@ def open_sweep(plan):
 
 
 def _check_still_new(plan) -> None:
-    from sweeps.tracking import client, find_parent_run
+    from sweeps.records.format import find_parent_run
+    from sweeps.records.tracking import client
 
     mlflow = client(plan.tracking_uri)
     exp = mlflow.get_experiment_by_name(plan.experiment)
-    parent = find_parent_run(mlflow, exp.experiment_id, plan.name) if exp else None
+    parent = find_parent_run(mlflow, plan.name, exp.experiment_id) if exp else None
     if parent is not None:
         raise UsageError(f"--name {plan.name}: a sweep of this name started meanwhile (MLflow parent run "
                          f"{parent.info.run_id}). Add --resume to continue it, or pass another --name")
@@ -150,10 +134,10 @@ def _check_still_new(plan) -> None:
 def check_cluster(plan) -> None:
     """Join Ray now, and on a cluster stop before anything is logged when a node cannot
     see the storage folder or the trials' inputs."""
-    from sweeps import driver
+    from sweeps.tune import driver
 
     driver.init_ray(plan.ray_address)
-    if driver.lanes(plan.resources, plan.trials) == 0:
+    if driver.concurrent_trials(plan.resources, plan.trials) == 0:
         gpus = f" and {plan.resources['gpu']:g} GPUs" if plan.resources["gpu"] else ""
         raise UsageError(f"no node of the Ray cluster at {plan.ray_address} has {plan.resources['cpu']:g} CPUs"
                          f"{gpus} for a trial (--cpus-per-trial, --gpus-per-trial); no trial could ever start")
@@ -163,11 +147,14 @@ def check_cluster(plan) -> None:
         raise UsageError(str(e)) from None
 
 
-def execute(plan, started: float | None = None, trainable=None, opened=None) -> dict:
+def execute(plan, started: float | None = None, trainable=None, opened=None, state=None) -> dict:
     """Run a checked plan: MLflow parent run (``opened`` by ``plan_and_join_ray``, or now), Tuner
-    fit, best checkpoint, summary."""
-    from sweeps import best_model, driver, registry, retention, signals, summary
-    from sweeps.tracking import MlflowTrials, trial_id_of
+    fit, best checkpoint, summary. ``state`` (a new one by default) records the sweep's decisions."""
+    from sweeps.records import best_model, registry
+    from sweeps.records.state import SweepState
+    from sweeps.records.tracking import MlflowTrials, trial_id_of
+    from sweeps.results import retention, summary
+    from sweeps.tune import driver, signals
 
     started = started or time.time()
     if opened is None:  # a trainable of one's own: refused before the sweep opens, if it cannot resume
@@ -182,13 +169,14 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
         tracker.write("artifact", "parent", local_path=str(sweep_dir / "skipped_files.txt"))
 
     driver.init_ray(plan.ray_address)
-    max_epochs = plan.total_epochs
-    MlflowTrials.active = tracker
-    ctrl_c = signals.CtrlC()
-    with driver.json_results_only(), ctrl_c:
-        results = driver.build_tuner(plan, [MlflowTrials(max_epochs), ctrl_c.callback()], trainable).fit()
+    state = state or SweepState(str(plan.sweep_dir))  # this sweep's decisions, for all that follows
+    state.tracker = tracker
+    ctrl_c = signals.CtrlC(state)
+    with state.open(), driver.json_results_only(), ctrl_c:
+        callbacks = [MlflowTrials(plan.total_epochs, state), ctrl_c.callback()]
+        results = driver.build_tuner(plan, callbacks, trainable, state).fit()
     if ctrl_c.caught is None:  # an interrupted sweep's running trials stay open for --resume, as after a kill
-        tracker.reconcile(results, max_epochs)
+        tracker.reconcile(results, state)
 
     best = summary.best_trial(results)
     best_dir = sweep_dir / "best"
@@ -197,7 +185,8 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
         best_model.log_model(tracker, best_dir, sweep_dir / "model")  # the MLflow Model, runs:/<parent>/model
     # what --resume and the best trials still need stays; the rest of the checkpoints go
     checkpoints = retention.retain(results, tracker.outcomes, plan.keep_checkpoints, trial_id_of)
-    counts = summary.count_trials(results, tracker.outcomes, interrupted=ctrl_c.caught is not None)
+    counts = summary.count_trials(results, tracker.outcomes, interrupted=ctrl_c.caught is not None,
+                                  paused=state.paused)
     stopped_by = (f"interrupted by {ctrl_c.caught.name}; to continue, {resume_hint(plan)}"
                   if ctrl_c.caught is not None else None)
     pending = tracker.finish(best_dir if best else None,
@@ -221,7 +210,7 @@ def execute(plan, started: float | None = None, trainable=None, opened=None) -> 
 
 
 def _print_end(info: dict, tracker, pending: list) -> None:
-    from sweeps.tracking import fmt
+    from sweeps.records.tracking import fmt
 
     t = info["trials"]
     cut = f", {t['interrupted']} interrupted" if t.get("interrupted") else ""

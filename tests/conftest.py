@@ -133,17 +133,6 @@ def collect(into: list, keep_dir: Path | None = None):
     return report
 
 
-@pytest.fixture
-def fresh_scheduler_records(monkeypatch):
-    """Empty module-level records of the schedulers (pauses, paused trials, ASHA's stops),
-    which an in-process sweep adds to."""
-    from sweeps import driver, schedulers
-
-    monkeypatch.setattr(schedulers, "PAUSES", {})
-    monkeypatch.setattr(schedulers, "PAUSED", set())
-    monkeypatch.setattr(driver, "ASHA_STOPPED", set())
-
-
 DEMO_SWEEP = "demo-sweep"
 
 

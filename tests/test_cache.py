@@ -1,6 +1,6 @@
-"""sweeps/cache.py: the decoded caches on a node, listed with their sizes, and removed."""
+"""sweeps/results/cache.py: the decoded caches on a node, listed with their sizes, and removed."""
 
-from sweeps import cache
+from sweeps.results import cache
 from trainables.data import DataHandle, scan
 
 from conftest import write_image_folder

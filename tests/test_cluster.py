@@ -35,13 +35,13 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps.submit import EXCLUDES
+from sweeps.tools.submit import EXCLUDES
 
 from conftest import ROOT, free_port
 
 pytestmark = pytest.mark.slow
 RAY = [sys.executable, "-m", "ray.scripts.scripts"]
-SUBMIT = [sys.executable, str(ROOT / "sweeps" / "submit.py")]
+SUBMIT = [sys.executable, str(ROOT / "sweeps" / "tools" / "submit.py")]
 WORKER_IP = "127.0.0.2"
 
 
@@ -170,7 +170,7 @@ def test_ray_job_submit_runs_the_shared_storage_check_on_every_node(ray_cluster,
     shared = tmp_path / "shared"
     code = textwrap.dedent(f"""
         import ray
-        from sweeps import storage
+        from sweeps.results import storage
         ray.init()
         storage.require_shared({str(shared)!r}, {{}})  # every node sees it: no error
         try:

@@ -1,5 +1,5 @@
 """The cluster recipes agree with the code they drive: the sweep's flags exist in
-``sweeps/run.py``'s parser and pass the same cluster checks as ``sweeps/submit.py``, the
+``sweeps/run.py``'s parser and pass the same cluster checks as ``sweeps/tools/submit.py``, the
 ``ray start`` options exist in the installed Ray, and shared paths are really shared.
 Nothing here needs Kubernetes or Slurm."""
 
@@ -13,8 +13,8 @@ import pytest
 import ray
 import yaml
 
-from sweeps import submit
 from sweeps.cli import build_parser
+from sweeps.tools import submit
 
 ROOT = Path(__file__).resolve().parents[1]
 KUBERAY = ROOT / "cluster" / "kuberay-rayjob.yaml"
@@ -116,8 +116,8 @@ def test_dockerfile_copies_every_package_pyproject_installs():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
     copied = {src for line in DOCKERFILE.read_text().splitlines() if line.startswith("COPY")
               for src in line.split()[1:-1] if not src.startswith("--")}
-    assert copied == {"pyproject.toml", project["project"]["readme"],
-                      *project["tool"]["setuptools"]["packages"]}
+    packages = {pattern.removesuffix("*") for pattern in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    assert copied == {"pyproject.toml", project["project"]["readme"], *packages}
 
 
 # ---- Slurm ---------------------------------------------------------------------------------
@@ -150,9 +150,9 @@ def test_sbatch_sweep_args_are_a_valid_cluster_sweep(tmp_path):
 
 
 def test_sbatch_submits_exactly_the_checked_args_with_submits_own_flags():
-    (line,) = [s for s in _commands(SBATCH.read_text()) if "sweeps/submit.py" in s]
+    (line,) = [s for s in _commands(SBATCH.read_text()) if "sweeps/tools/submit.py" in s]
     argv = shlex.split(line.split("||")[0])
-    own, run_args = submit.split_argv(argv[argv.index("sweeps/submit.py") + 1:])
+    own, run_args = submit.split_argv(argv[argv.index("sweeps/tools/submit.py") + 1:])
     assert run_args == ["${SWEEP_ARGS[@]}"]
     opts = submit.build_parser().parse_args(own)
     assert opts.address.startswith("http://") and opts.wait

@@ -15,8 +15,8 @@ from sweeps import command
 
 from conftest import ROOT
 
-SCRIPTS = {"run": "sweeps/run.py", "submit": "sweeps/submit.py", "report": "dashboards/report.py",
-           "predict": "sweeps/predict.py", "export": "sweeps/export.py"}
+SCRIPTS = {"run": "sweeps/run.py", "submit": "sweeps/tools/submit.py", "report": "dashboards/report.py",
+           "predict": "sweeps/tools/predict.py", "export": "sweeps/tools/export.py"}
 
 
 def installed_command() -> list[str]:
@@ -134,8 +134,8 @@ def test_the_package_imports_without_the_scripts_path_fix(tmp_path):
     code = f"""
 import sys
 before = list(sys.path)
-import dashboards.report, search_spaces.loader, sweeps.command, sweeps.export, sweeps.predict
-import sweeps.run, sweeps.submit, trainables.train
+import dashboards.report, search_spaces.loader, sweeps.command, sweeps.tools.export, sweeps.tools.predict
+import sweeps.run, sweeps.tools.submit, trainables.train
 added = [p for p in sys.path if p not in before]  # Ray adds its own third-party folder
 assert not [p for p in added if p.startswith({str(ROOT)!r})], added
 assert {str(ROOT)!r} not in sys.path

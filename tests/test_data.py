@@ -6,7 +6,8 @@ import torch
 from PIL import Image
 
 from trainables import data as data_mod
-from trainables.data import Batches, DataError, DataHandle, decode_image, scan
+from trainables.data import DataError, DataHandle, decode_image, scan
+from trainables.pipeline import Batches
 
 
 def test_scan_splits_one_folder_stratified_and_seeded(image_folder):

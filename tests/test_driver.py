@@ -7,7 +7,7 @@ from pyarrow import fs
 from ray import tune
 
 from search_spaces.loader import load_space
-from sweeps.driver import ResumableASHA, param_space
+from sweeps.tune.driver import ResumableASHA, param_space
 
 
 def test_asha_rungs_are_rebuilt_from_recorded_results(tmp_path):

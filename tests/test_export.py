@@ -1,4 +1,4 @@
-"""sweeps/export.py against a real sweep: the exported TorchScript and ONNX models compute
+"""sweeps/tools/export.py against a real sweep: the exported TorchScript and ONNX models compute
 what the checkpoint in the sweep's best/ computes, and carry its classes and preprocessing."""
 
 import json
@@ -12,12 +12,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from torchvision.models import get_model
 
-from sweeps.export import build_parser, main
+from sweeps.tools.export import build_parser, main
 
 from conftest import DEMO_SWEEP, ROOT, assert_help_documents_every_flag, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mlflow_env")]
-EXPORT = [sys.executable, str(ROOT / "sweeps" / "export.py")]
+EXPORT = [sys.executable, str(ROOT / "sweeps" / "tools" / "export.py")]
 
 
 @pytest.fixture(scope="module")

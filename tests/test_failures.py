@@ -8,7 +8,7 @@ import ray
 from mlflow.tracking import MlflowClient
 
 from sweeps.cli import build_parser
-from sweeps.plan import prepare
+from sweeps.plan.prepare import prepare
 from sweeps.run import execute
 
 pytestmark = pytest.mark.slow

@@ -40,8 +40,8 @@ def test_cached_and_uncached_trials_give_the_same_losses(handle, depth, epochs):
 def test_cached_features_are_the_frozen_prefix_outputs(handle, depth):
     import torch
 
-    from trainables.data import Batches
     from trainables.models import build_model, stages
+    from trainables.pipeline import Batches
 
     cfg = TrialConfig(model="resnet18", weights="none", image_size=32, frozen_depth=depth)
     torch.manual_seed(0)

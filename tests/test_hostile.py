@@ -12,7 +12,7 @@ import pytest
 import ray
 
 from sweeps.cli import build_parser
-from sweeps.plan import UsageError
+from sweeps.errors import UsageError
 from sweeps.run import main
 
 from conftest import write_image_folder
@@ -250,7 +250,7 @@ def basic_auth_server():
 def test_credentials_in_the_tracking_uri_are_sent_not_taken_for_an_unreachable_server(basic_auth_server):
     from mlflow.tracking import MlflowClient
 
-    from sweeps.tracking import check_tracking_uri
+    from sweeps.records.tracking import check_tracking_uri
 
     port, seen, good = basic_auth_server
     check_tracking_uri(f"http://alice:s3cret@127.0.0.1:{port}", timeout=5)  # reachable: no error
@@ -273,7 +273,7 @@ def test_a_token_given_as_the_user_name_is_never_printed(in_tmp, capsys, basic_a
 def test_the_mlflow_writer_never_sees_the_uri_on_its_command_line_and_leaves_no_temp_file(tmp_path, monkeypatch):
     import tempfile
 
-    from sweeps.writer import WriterProcess
+    from sweeps.records.writer import WriterProcess
 
     shared_tmp = tmp_path / "tmp"
     shared_tmp.mkdir()
@@ -289,7 +289,7 @@ def test_the_mlflow_writer_never_sees_the_uri_on_its_command_line_and_leaves_no_
 
 
 def test_a_remote_sweep_keeps_its_scratch_files_in_the_users_cache_not_in_a_shared_temp_folder(tmp_path, monkeypatch):
-    from sweeps import storage
+    from sweeps.results import storage
 
     monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path / "cache"))
     folder = storage.SweepFolder(f"file://{tmp_path}/bucket/s1")
@@ -302,7 +302,7 @@ def test_a_remote_sweep_keeps_its_scratch_files_in_the_users_cache_not_in_a_shar
 
 
 def test_one_sweep_name_is_claimed_by_one_driver(tmp_path):
-    from sweeps import storage
+    from sweeps.results import storage
 
     first = storage.SweepFolder(str(tmp_path / "results" / "s"))
     with pytest.raises(storage.SweepTaken, match="exists already"):
@@ -317,7 +317,7 @@ def _open_store_at_once(uri: str, n: int) -> list[int]:
     import subprocess
     import sys
 
-    code = "import sys; from sweeps.tracking import client; client(sys.argv[1]).get_experiment_by_name('x')"
+    code = "import sys; from sweeps.records.tracking import client; client(sys.argv[1]).get_experiment_by_name('x')"
     procs = [subprocess.Popen([sys.executable, "-c", code, uri], stderr=subprocess.PIPE) for _ in range(n)]
     return [p.wait(120) for p in procs]
 
@@ -365,8 +365,8 @@ def test_ctrl_c_or_a_failed_ray_start_while_the_checks_run_opens_no_sweep(in_tmp
     claimed name)."""
     import time
 
-    import sweeps.ray_session
     import sweeps.run
+    import sweeps.tune.ray_session
 
     opened = []
 
@@ -379,7 +379,7 @@ def test_ctrl_c_or_a_failed_ray_start_while_the_checks_run_opens_no_sweep(in_tmp
         raise fault("Ray did not start")
 
     monkeypatch.setattr(sweeps.run, "prepare", slow_checks)
-    monkeypatch.setattr(sweeps.ray_session, "init_ray", ray_start)
+    monkeypatch.setattr(sweeps.tune.ray_session, "init_ray", ray_start)
     monkeypatch.setattr(sweeps.run, "open_sweep", opened.append)
     if fault is KeyboardInterrupt:
         assert main(["--space", "smoke"]) == 130

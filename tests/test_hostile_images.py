@@ -15,7 +15,8 @@ import ray
 from PIL import Image
 
 from sweeps.cli import build_parser
-from sweeps.plan import UsageError, prepare
+from sweeps.errors import UsageError
+from sweeps.plan.prepare import prepare
 from trainables.data import DataError, DataHandle, decode_image, scan, to_rgb
 
 from conftest import write_image_folder

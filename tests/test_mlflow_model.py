@@ -1,6 +1,6 @@
-"""sweeps/mlflow_model.py: the best model as an MLflow Model. Loaded with
+"""sweeps/records/mlflow_model.py: the best model as an MLflow Model. Loaded with
 ``mlflow.pyfunc.load_model("runs:/<parent>/model")`` it predicts, from image bytes or file
-paths, the classes and probabilities sweeps/predict.py writes for the same images."""
+paths, the classes and probabilities sweeps/tools/predict.py writes for the same images."""
 
 import csv
 import json
@@ -14,9 +14,10 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from torchvision.models import get_model
 
-from sweeps import best_model, mlflow_model, predict
-from sweeps.tracking import TAG_ROLE, TAG_SWEEP
-from sweeps.writer import Writer
+from sweeps.records import best_model, mlflow_model
+from sweeps.records.tracking import TAG_ROLE, TAG_SWEEP
+from sweeps.records.writer import Writer
+from sweeps.tools import predict
 
 from conftest import write_image_folder
 
@@ -78,7 +79,7 @@ def images(tmp_path_factory) -> list[Path]:
 
 
 def predict_csv(uri: str, run: str, images: list[Path], out: Path) -> dict[str, dict[str, float]]:
-    """sweeps/predict.py's answer for ``images`` (all in one folder tree): path -> class -> probability."""
+    """sweeps/tools/predict.py's answer for ``images`` (all in one folder tree): path -> class -> probability."""
     root = Path(*images[0].parts[:-2])
     assert predict.main(["--tracking-uri", uri, "--run", run, "--images", str(root), "--out", str(out),
                          "--top-k", str(len(CLASSES))]) == 0
@@ -122,7 +123,7 @@ def test_model_carries_signature_example_metadata_and_requirements(store, tmp_pa
     uri, run_id = store
     local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model", dst_path=str(tmp_path),
                                                      tracking_uri=uri))
-    from sweeps import registry
+    from sweeps.records import registry
 
     # One artifact path, spelt in three modules so the pre-Ray checks need not import the pyfunc.
     assert mlflow_model.ARTIFACT_PATH == registry.ARTIFACT_PATH == best_model.MODEL_DIR == "model"
@@ -160,7 +161,7 @@ def test_a_non_image_is_an_invalid_input_naming_its_row(store, images):
 
 def test_probabilities_are_the_softmax_of_the_sweeps_val_batches():
     """``probabilities`` crops and normalises as the sweep's val batches do (Batches)."""
-    from trainables.data import Batches
+    from trainables.pipeline import Batches
 
     torch.manual_seed(0)
     net = get_model("resnet18", num_classes=3).eval()

@@ -68,7 +68,7 @@ def test_the_checks_before_ray_starts_import_neither_torch_nor_mlflow(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from sweeps.cli import build_parser; from sweeps.plan import prepare, UsageError\n"
+    code = ("import sys; from sweeps.cli import build_parser; from sweeps.plan.prepare import prepare\n"
             "class Done(Exception): pass\n"
             "def checked(): raise Done\n"
             "try: prepare(build_parser().parse_args(sys.argv[1:]), checked=checked)\n"
@@ -84,7 +84,7 @@ def test_the_checks_before_ray_starts_import_neither_torch_nor_mlflow(tmp_path):
 def test_the_stores_passed_without_asking_mlflow_are_mlflow_stores():
     from mlflow.tracking._tracking_service.utils import _tracking_store_registry
 
-    from sweeps.plan import COMMON_STORES
+    from sweeps.plan.prepare import COMMON_STORES
 
     assert COMMON_STORES <= set(_tracking_store_registry._registry)
 

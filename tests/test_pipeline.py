@@ -119,7 +119,7 @@ def test_a_last_batch_of_one_and_a_class_of_one_image(photos):
 def test_prediction_preprocesses_exactly_as_validation(photos):
     from concurrent.futures import ThreadPoolExecutor
 
-    from sweeps.best_model import BestModel, decode_images
+    from sweeps.records.best_model import BestModel, decode_images
 
     x, y = photos.arrays("val")
     cfg = TrialConfig(model="resnet18", weights="none", image_size=24, batch_size=4, seed=0, frozen_depth=0)

@@ -17,7 +17,7 @@ def run_four_at_once(tmp_path, image_folder, name, trainable, flags=(), resource
 
     from benchmarks.bench_sweeps import trial_results
     from sweeps.cli import build_parser
-    from sweeps.plan import prepare
+    from sweeps.plan.prepare import prepare
     from sweeps.run import execute
 
     args = build_parser().parse_args([
@@ -64,7 +64,7 @@ def test_without_max_concurrent_every_lane_runs_at_once(tmp_path, image_folder, 
     """A 4-CPU node and 1-CPU trials: TPE's sweep places all four trials before the first
     starts, and runs them at once. (Ray Tune's default with a searcher and no limit keeps
     one trial pending: lanes fill one actor start after another.)"""
-    from sweeps.tracking import MlflowTrials
+    from sweeps.records.tracking import MlflowTrials
 
     placed_at_start = []  # how many trials Tune had created as each one started
     on_start = MlflowTrials.on_trial_start
@@ -95,13 +95,13 @@ def test_without_max_concurrent_every_lane_runs_at_once(tmp_path, image_folder, 
 def test_lanes_count_what_fits_on_each_live_node(monkeypatch):
     import ray
 
-    from sweeps.driver import lanes
+    from sweeps.tune.driver import concurrent_trials
 
     nodes = [{"Alive": True, "Resources": {"CPU": 3.0, "GPU": 1.0}},
              {"Alive": True, "Resources": {"CPU": 3.0}},
              {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}}]
     monkeypatch.setattr(ray, "nodes", lambda: nodes)
-    assert lanes({"cpu": 2, "gpu": 0}, trials=100) == 2  # 3+3 CPUs, but no trial straddles two nodes
-    assert lanes({"cpu": 1, "gpu": 0}, trials=4) == 4  # never more than the sweep's trials
-    assert lanes({"cpu": 0.5, "gpu": 0.25}, trials=100) == 4  # GPU-bound: a quarter of the one GPU each
-    assert lanes({"cpu": 4, "gpu": 0}, trials=10) == 0  # nothing fits: run.check_cluster refuses
+    assert concurrent_trials({"cpu": 2, "gpu": 0}, trials=100) == 2  # 3+3 CPUs, but no trial straddles two nodes
+    assert concurrent_trials({"cpu": 1, "gpu": 0}, trials=4) == 4  # never more than the sweep's trials
+    assert concurrent_trials({"cpu": 0.5, "gpu": 0.25}, trials=100) == 4  # GPU-bound: a quarter of the one GPU each
+    assert concurrent_trials({"cpu": 4, "gpu": 0}, trials=10) == 0  # nothing fits: run.check_cluster refuses

@@ -1,4 +1,4 @@
-"""sweeps/predict.py against a real sweep: on the sweep's own val split it must score
+"""sweeps/tools/predict.py against a real sweep: on the sweep's own val split it must score
 exactly the val_acc the sweep logged, and bad input fails clearly."""
 
 import csv
@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps.predict import build_parser, main
+from sweeps.tools.predict import build_parser, main
 from trainables import demo
 from trainables.data import scan
 
 from conftest import DEMO_SWEEP, ROOT, assert_help_documents_every_flag, free_port
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("mlflow_env")]
-PREDICT = [sys.executable, str(ROOT / "sweeps" / "predict.py")]
+PREDICT = [sys.executable, str(ROOT / "sweeps" / "tools" / "predict.py")]
 
 
 @pytest.fixture(scope="module")
@@ -138,7 +138,7 @@ def test_bad_input_exits_2_naming_the_problem(sweep, tmp_path, capsys):
 
 def test_the_sweeps_mlflow_model_predicts_what_predict_py_writes(sweep, tmp_path, monkeypatch):
     """mlflow.pyfunc.load_model("runs:/<parent>/model") on image bytes: the classes and
-    probabilities sweeps/predict.py writes for the same files."""
+    probabilities sweeps/tools/predict.py writes for the same files."""
     import mlflow.pyfunc
     import pandas as pd
 

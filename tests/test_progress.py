@@ -1,7 +1,7 @@
 import io
 from types import SimpleNamespace
 
-from sweeps.progress import LiveStatus, counts, status_line
+from sweeps.tune.progress import LiveStatus, counts, status_line
 
 
 def trial(status, epoch=0, acc=None, trial_id="t"):

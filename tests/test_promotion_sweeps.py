@@ -5,11 +5,6 @@ scheduler's decisions on scripted results are in tests/test_schedulers.py."""
 
 import pytest
 
-from sweeps import schedulers
-
-pytestmark = pytest.mark.usefixtures("fresh_scheduler_records")
-
-
 PROMOTION_SPACE = """\
 description: promotion on the test fixtures' tiny data
 trials: 6
@@ -27,7 +22,7 @@ tpe: {n_startup_trials: 2}
 
 def promotion_plan(tmp_path, image_folder, name):
     from sweeps.cli import build_parser
-    from sweeps.plan import prepare
+    from sweeps.plan.prepare import prepare
 
     space = tmp_path / "promotion.yaml"
     space.write_text(PROMOTION_SPACE)
@@ -44,11 +39,13 @@ def test_a_promotion_sweep_pauses_and_resumes_trials_with_one_continuous_history
     import ray
     from mlflow.tracking import MlflowClient
 
+    from sweeps.records.state import SweepState
     from sweeps.run import execute
 
     plan = promotion_plan(tmp_path, image_folder, "promo")
+    state = SweepState(str(plan.sweep_dir))
     try:
-        info = execute(plan)
+        info = execute(plan, state=state)
     finally:
         ray.shutdown()
     assert info["trials"]["errored"] == 0 and sum(info["trials"].values()) == 6
@@ -67,7 +64,7 @@ def test_a_promotion_sweep_pauses_and_resumes_trials_with_one_continuous_history
             assert steps == list(range(1, len(steps) + 1)), (trial_id, key, steps)
         epochs = len(steps)
         paused_at = [int(r) for r in tags.get("ftsweep.paused_at", "").split(",") if r]
-        assert paused_at == schedulers.PAUSES.get(trial_id, [])
+        assert paused_at == state.pauses.get(trial_id, [])
         if tags["outcome"] == "stopped_early":
             assert paused_at and epochs == paused_at[-1]  # ended where it last waited
             assert tags["stop_reason"] == f"not promoted from rung {epochs}"
@@ -90,7 +87,7 @@ def test_promotion_refuses_a_trainable_that_cannot_resume_before_any_trial_start
     import ray
     from mlflow.tracking import MlflowClient
 
-    from sweeps.plan import UsageError
+    from sweeps.errors import UsageError
     from sweeps.run import execute
 
     def never_resumes(config, data):

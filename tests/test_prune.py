@@ -16,9 +16,9 @@ from torch.nn.utils import prune as torch_prune
 
 from dashboards import report
 from search_spaces.loader import load_space
-from sweeps.plan import Plan
+from sweeps.plan.prepare import Plan
+from sweeps.results.summary import smallest_within_drop
 from sweeps.run import main
-from sweeps.summary import smallest_within_drop
 from trainables import prune
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, scan

@@ -6,10 +6,12 @@ from types import SimpleNamespace
 
 import pytest
 
-from sweeps import driver, summary
-from sweeps.inputs import recorded_inputs
-from sweeps.progress import counts
-from sweeps.tracking import MlflowTrials
+from sweeps.plan.inputs import recorded_inputs
+from sweeps.records.state import SweepState
+from sweeps.records.tracking import MlflowTrials
+from sweeps.results import summary
+from sweeps.tune import driver
+from sweeps.tune.progress import counts
 
 from conftest import write_image_folder
 
@@ -17,8 +19,7 @@ from conftest import write_image_folder
 class Tracker:
     """The parts of SweepTracker the callback uses; records what it would tag."""
 
-    def __init__(self, time_budget=None):
-        self.plan = SimpleNamespace(time_budget=time_budget)
+    def __init__(self):
         self.ended, self.outcomes = {}, {}
 
     def end_trial(self, trial_id, outcome, reason=""):
@@ -36,23 +37,28 @@ def end(callback, *trials):
         callback.on_trial_complete(0, list(trials), t)
 
 
-def test_a_trial_that_ran_its_own_smaller_budget_completed(monkeypatch):
+def test_a_trial_that_ran_its_own_smaller_budget_completed():
     tracker = Tracker()
-    monkeypatch.setattr(MlflowTrials, "active", tracker)
-    callback = MlflowTrials(max_epochs=5)  # the sweep's longest budget
+    state = SweepState("s", tracker)
+    state.stop("cut", "asha")
+    callback = MlflowTrials(max_epochs=5, state=state)  # the sweep's longest budget
     end(callback, trial("short", 2, max_epochs=2), trial("cut", 1, max_epochs=5))
     assert tracker.ended["short"] == ("completed", "")
     assert tracker.ended["cut"] == ("stopped_early", "asha")
 
 
-def test_the_time_budget_cut_is_its_own_outcome_and_asha_stays_asha(monkeypatch):
-    tracker = Tracker(time_budget=60)
-    monkeypatch.setattr(MlflowTrials, "active", tracker)
-    monkeypatch.setattr(driver, "ASHA_STOPPED", {"asha"})
-    callback = MlflowTrials(max_epochs=5)
-    trials = [trial("asha", 1, 5), trial("clock", 2, 5), trial("full", 5, 5),
+def test_the_time_budget_cut_is_its_own_outcome_and_asha_stays_asha():
+    """ASHA's stop is recorded as it decides; the clock's trials, which Tune ends without
+    telling the callbacks, end at the experiment's end as cut by the clock."""
+    tracker = Tracker()
+    state = SweepState("s", tracker)
+    state.stop("asha", "asha")
+    callback = MlflowTrials(max_epochs=5, state=state)
+    trials = [trial("asha", 1, 5), trial("clock", 2, 5, status="RUNNING"), trial("full", 5, 5),
               trial("patient", 3, 5, early_stopped=1)]
-    end(callback, *trials)
+    end(callback, trials[0], trials[2], trials[3])
+    state.clock_ran_out = True  # TimeBudget.stop_all
+    callback.on_experiment_end(trials)
     assert tracker.ended == {"asha": ("stopped_early", "asha"), "clock": ("time_budget", "time_budget"),
                              "full": ("completed", ""), "patient": ("stopped_early", "patience")}
     # the summary and the live status count what MLflow was told
@@ -60,7 +66,9 @@ def test_the_time_budget_cut_is_its_own_outcome_and_asha_stays_asha(monkeypatch)
                                config=t.config, path=f"/x/trial_{t.trial_id}") for t in trials]
     assert summary.count_trials(results, tracker.outcomes) == {
         "completed": 1, "stopped_early": 2, "time_budget": 1, "errored": 0, "paused": 0, "interrupted": 0}
-    live = counts(trials, max_epochs=5)
+    for t in trials:
+        t.status = "TERMINATED"
+    live = counts(trials, max_epochs=5, tagged=tracker.outcomes)
     assert (live["time_budget"], live["stopped_early"], live["completed"]) == (1, 2, 1)
 
 
@@ -82,16 +90,16 @@ def test_a_signal_cuts_the_trials_that_had_not_ended_it_does_not_stop_them_early
     assert (counted["interrupted"], counted["stopped_early"]) == (1, 1)
 
 
-def test_asha_names_the_trials_it_stopped(monkeypatch):
-    monkeypatch.setattr(driver, "ASHA_STOPPED", set())
+def test_asha_names_the_trials_it_stopped():
+    state = SweepState("s")
     asha = driver.ResumableASHA(time_attr="training_iteration", metric="best_val_acc", mode="max",
-                                max_t=2, grace_period=1, reduction_factor=2)
+                                max_t=2, grace_period=1, reduction_factor=2, state=state)
     a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
     for t in (a, b):
         asha.on_trial_add(None, t)
     assert asha.on_trial_result(None, a, {"training_iteration": 1, "best_val_acc": 0.9}) == "CONTINUE"
     assert asha.on_trial_result(None, b, {"training_iteration": 1, "best_val_acc": 0.1}) == "STOP"
-    assert driver.ASHA_STOPPED == {"b"}
+    assert state.stops == {"b": "asha"}
 
 
 # --- a name is one sweep, and --resume continues it only on the same inputs --------------
@@ -108,8 +116,8 @@ def _args(image_folder, tmp_path, *extra):
 @pytest.fixture
 def started_sweep(image_folder, tmp_path, monkeypatch, cache_dir):
     """A sweep whose parent run was created as the driver creates it (nothing trained)."""
-    from sweeps.plan import prepare
-    from sweeps.tracking import SweepTracker
+    from sweeps.plan.prepare import prepare
+    from sweeps.records.tracking import SweepTracker
 
     monkeypatch.chdir(tmp_path)
     plan = prepare(_args(image_folder, tmp_path, "--set", "batch_size=8"), log=lambda _: None)
@@ -131,7 +139,8 @@ def test_the_parent_run_records_what_the_sweep_ran_on(started_sweep, tmp_path):
 
 def test_resume_with_other_inputs_lists_each_difference_before_anything_starts(
         started_sweep, image_folder, tmp_path):
-    from sweeps.plan import UsageError, prepare
+    from sweeps.errors import UsageError
+    from sweeps.plan.prepare import prepare
 
     same = prepare(_args(image_folder, tmp_path, "--set", "batch_size=8", "--resume"), log=lambda _: None)
     assert same.trials == 4  # the same sweep resumes
@@ -168,7 +177,8 @@ def test_a_name_in_use_is_refused_naming_the_earlier_run_and_the_ways_on(
 # --- seeds: --set seed is --seed; neither moves the validation split --------------------
 
 def test_set_seed_is_the_sweeps_seed_and_the_split_has_its_own(image_folder, tmp_path, monkeypatch, cache_dir):
-    from sweeps.plan import UsageError, prepare
+    from sweeps.errors import UsageError
+    from sweeps.plan.prepare import prepare
 
     monkeypatch.chdir(tmp_path)
 

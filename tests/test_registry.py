@@ -1,4 +1,4 @@
-"""sweeps/registry.py: --register makes the best model a version of a registered model; the
+"""sweeps/records/registry.py: --register makes the best model a version of a registered model; the
 alias champion moves only to a better val_acc on the same data. With a sqlite store and a
 real mlflow server; a store without a registry stops the sweep before it starts."""
 
@@ -8,8 +8,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from test_mlflow_model import logged_sweep, predict_csv
 
-from sweeps import export, predict, registry
+from sweeps.records import registry
 from sweeps.run import main as run_main
+from sweeps.tools import export, predict
 
 from conftest import run_sweep, write_image_folder
 

@@ -11,8 +11,9 @@ import torch
 
 from search_spaces.loader import load_space
 from trainables.config import TrialConfig
-from trainables.data import Batches, DataHandle, scan
+from trainables.data import DataHandle, scan
 from trainables.models import ModelError, build_model, stages
+from trainables.pipeline import Batches
 from trainables.train import CHECKPOINT_FILE, Step, run_trial
 
 TRAINED = ("layer2", "layer3", "layer4", "fc")  # what frozen_depth=2 leaves to train in a resnet18

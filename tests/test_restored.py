@@ -1,4 +1,4 @@
-"""A restored sweep's record brought up to date (sweeps/restored.py), with Ray Tune's and
+"""A restored sweep's record brought up to date (sweeps/tune/restored.py), with Ray Tune's and
 Optuna's real objects: a searcher whose record is older or newer than the restored trials,
 and a trial whose recorded checkpoint is gone."""
 
@@ -10,7 +10,7 @@ from ray.tune.experiment import Experiment, Trial
 from ray.tune.search import ConcurrencyLimiter, SearchGenerator
 
 from search_spaces.loader import load_space
-from sweeps import driver, restored, schedulers
+from sweeps.tune import driver, restored, schedulers
 
 TRIALS = 6
 

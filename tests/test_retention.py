@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pyarrow.fs as pafs
 
-from sweeps.retention import retain
+from sweeps.results.retention import retain
 
 
 def trial(root, name, best_epoch, latest_epoch, accs):

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from sweeps import driver, restored, schedulers
-from sweeps.schedulers import LaneLimiter, PromotionScheduler, TopKScheduler, rung_milestones
+from sweeps.tune import driver, restored, schedulers
+from sweeps.tune.schedulers import LaneLimiter, PromotionScheduler, TopKScheduler, rung_milestones
 from trainables.config import TrialConfig
 from trainables.data import DataHandle, scan
 from trainables.train import CHECKPOINT_FILE, run_trial
@@ -73,7 +73,7 @@ def resume(scheduler, tc):
 
 
 @pytest.fixture(autouse=True)
-def fresh_records(fresh_scheduler_records, monkeypatch):
+def recorded_results(monkeypatch):
     monkeypatch.setattr(restored, "recorded_results", lambda trial: getattr(trial, "recorded", []))
 
 
@@ -105,7 +105,7 @@ def test_a_trial_goes_on_only_in_the_top_of_its_rung_and_a_free_lane_takes_the_b
     assert resume(s, tc) is c                           # c, paused long ago, is promoted now
     assert resume(s, tc) is None                        # and only once
     assert s.promoted[1] == {"b", "d", "f", "c"}
-    assert schedulers.PAUSES == {"a": [1], "c": [1], "e": [1], "h": [1], "g": [1]}
+    assert s.state.pauses == {"a": [1], "c": [1], "e": [1], "h": [1], "g": [1]}
     assert report(s, tc, b, 4, 0.8) == STOP             # the full budget
 
 
@@ -152,7 +152,7 @@ def test_paused_trials_no_result_can_promote_end_stopped_early_with_the_reason()
     assert report(s, tc, b, 2, 0.7) == PAUSE            # alone at rung 2
     assert resume(s, tc) is None
     assert tc.stopped == ["a", "b"]
-    assert driver.ASHA_STOPPED == {"a", "b"}
+    assert s.state.stops == {"a": "not promoted from rung 1", "b": "not promoted from rung 2"}
     assert a.last_result["stop_reason"] == "not promoted from rung 1"
     assert tc.search_alg.completed["b"]["best_val_acc"] == 0.7  # TPE learns the score
 
@@ -195,7 +195,7 @@ def test_a_restore_rebuilds_the_rungs_and_puts_the_waiting_trials_back_in_paused
     assert waiting.status == "PAUSED" and new.status == "PENDING"
     assert s.rungs == {1: {"went_on": 0.6, "waiting": 0.4}, 2: {"went_on": 0.7}, 4: {}}
     assert s.promoted[1] == {"went_on"} and s.promoted[2] == {"went_on"}
-    assert schedulers.PAUSED == {"waiting"}
+    assert s.state.paused == {"waiting"}
 
 
 def test_the_lane_limiter_does_not_count_paused_trials():
@@ -348,7 +348,7 @@ def assert_identical(a, b, where):
 
 
 def test_the_live_status_counts_paused_trials_apart():
-    from sweeps.progress import counts, status_line
+    from sweeps.tune.progress import counts, status_line
 
     trials = [SimpleNamespace(status=s, last_result={"epoch": 1}, metric_analysis={}, trial_id=i)
               for i, s in enumerate(("RUNNING", "PAUSED", "PAUSED", "PENDING"))]

@@ -1,5 +1,5 @@
 """``mlflow models serve -m models:/NAME@champion`` serves the registered best model over HTTP:
-images in, the classes and probabilities sweeps/predict.py gives out; a non-image is a 4xx
+images in, the classes and probabilities sweeps/tools/predict.py gives out; a non-image is a 4xx
 and the server goes on serving."""
 
 import base64
@@ -13,7 +13,7 @@ import urllib.request
 import pytest
 from test_mlflow_model import logged_sweep, predict_csv
 
-from sweeps import registry
+from sweeps.records import registry
 
 from conftest import free_port, stop_group, wait_http, write_image_folder
 

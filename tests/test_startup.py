@@ -10,16 +10,17 @@ import time
 import pytest
 import torch
 
-from sweeps import model_check
-from sweeps.plan import UsageError
+from sweeps.errors import UsageError
+from sweeps.plan import model_check
 from tests.conftest import write_image_folder
 
 DRIVER = """
 import sys
 from sweeps.cli import build_parser
-from sweeps.plan import prepare
+from sweeps.plan.prepare import prepare
 plan = prepare(build_parser().parse_args(sys.argv[1:]), log=lambda *a: None)
-import sweeps.driver, sweeps.run, sweeps.summary, sweeps.best_model, sweeps.registry, sweeps.retention
+import sweeps.tune.driver, sweeps.run, sweeps.results.summary, sweeps.results.retention
+import sweeps.records.best_model, sweeps.records.registry
 print({"torch": "torch" in sys.modules, "sklearn": "sklearn" in sys.modules, "mean": plan.data.mean,
        "std": plan.data.std, "val": plan.data.dataset.val.paths})
 """
@@ -90,7 +91,7 @@ def test_a_remembered_imagenet_check_holds_only_while_its_weights_file_does(tmp_
 
 def test_a_too_small_image_size_still_stops_the_sweep_before_it_starts(tmp_path, monkeypatch):
     from sweeps.cli import build_parser
-    from sweeps.plan import prepare
+    from sweeps.plan.prepare import prepare
 
     monkeypatch.setenv("FTSWEEP_CACHE", str(tmp_path / "cache"))
     data = write_image_folder(tmp_path / "data", per_class=3)
@@ -102,6 +103,7 @@ def test_a_too_small_image_size_still_stops_the_sweep_before_it_starts(tmp_path,
             prepare(args, log=lambda *a: None)
 
 
+@pytest.mark.slow
 def test_trial_actors_start_on_prestarted_workers_with_the_trial_modules_imported():
     """With ``lanes``, a local Ray prestarts that many workers, which import the trial's
     modules; Tune's trial actors (made by Tune's own class cache, without the runtime env
@@ -110,8 +112,8 @@ def test_trial_actors_start_on_prestarted_workers_with_the_trial_modules_importe
     import ray
     from ray.tune.execution.class_cache import _ActorClassCache
 
-    import sweeps.driver  # noqa: F401 - drops Tune's runtime env for trial actors
-    from sweeps.ray_session import init_ray
+    import sweeps.tune.driver  # noqa: F401 - drops Tune's runtime env for trial actors
+    from sweeps.tune.ray_session import init_ray
 
     class Probe:
         def where(self):
@@ -149,7 +151,7 @@ def test_the_raylet_prestarts_workers_only_when_each_one_gets_a_trial(monkeypatc
                                                                        at_raylet_start):
     """The raylet, told to prestart, starts one worker per CPU it declares (at most one per
     core); Ray otherwise prestarts ``lanes`` of them when the driver connects."""
-    from sweeps import ray_session
+    from sweeps.tune import ray_session
 
     monkeypatch.setattr("os.cpu_count", lambda: cores)
     monkeypatch.setattr("ray._private.utils.get_num_cpus", lambda *a, **k: cores)
@@ -157,40 +159,3 @@ def test_the_raylet_prestarts_workers_only_when_each_one_gets_a_trial(monkeypatc
     assert settings["num_workers_soft_limit"] == lanes
     assert settings["preload_python_modules"] == list(ray_session.TRIAL_MODULES)
     assert settings.get("enable_worker_prestart", False) == at_raylet_start
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="per-thread niceness is Linux's")
-def test_the_slower_checks_run_behind_ray_start_and_the_driver_does_not(monkeypatch):
-    """The quick checks, which Ray's start waits for, run at the driver's priority; then, while
-    Ray starts in the main thread, the helper thread runs the slower checks and opens the
-    sweep's MLflow run 10 niceness steps lower. The main thread, which goes on to run the
-    sweep, keeps its priority."""
-    import os
-    import threading
-
-    import sweeps.ray_session
-    import sweeps.run
-
-    def niceness() -> int:
-        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
-
-    if niceness() > 9:
-        pytest.skip("this test process runs too low to go 10 steps lower")
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)  # the local path, where Ray starts beside the checks
-    seen = {}
-
-    def checks(args, checked):
-        seen["quick checks"] = niceness()
-        checked()
-        seen["slower checks"] = niceness()
-        return "plan"
-
-    monkeypatch.setattr(sweeps.run, "prepare", checks)
-    monkeypatch.setattr(sweeps.ray_session, "init_ray", lambda *a, **k: seen.setdefault("ray", niceness()))
-    monkeypatch.setattr(sweeps.run, "open_sweep", lambda plan: seen.setdefault("open", niceness()))
-    main_thread = niceness()
-    args = sweeps.run.build_parser().parse_args(["--space", "smoke", "--trials", "1"])
-    assert sweeps.run.plan_and_join_ray(args) == ("plan", main_thread + 10)
-    assert seen == {"quick checks": main_thread, "slower checks": main_thread + 10, "ray": main_thread,
-                    "open": main_thread + 10}
-    assert niceness() == main_thread

@@ -1,4 +1,4 @@
-"""sweeps/storage.py on a local folder, on a ``file://`` URI, on an ``s3://`` bucket (a moto
+"""sweeps/results/storage.py on a local folder, on a ``file://`` URI, on an ``s3://`` bucket (a moto
 S3 server on 127.0.0.1) and on a ``gs://`` bucket (gcp-storage-emulator on 127.0.0.1), through
 pyarrow as Ray Tune uses it. The multi-node check runs on a real two-node cluster in
 test_cluster.py."""
@@ -16,8 +16,8 @@ from types import SimpleNamespace
 import pyarrow.fs as pafs
 import pytest
 
-from sweeps import storage
-from sweeps.plan import Plan
+from sweeps.plan.prepare import Plan
+from sweeps.results import storage
 
 from conftest import RUN, free_port, run_sweep, stop_group, wait_http
 
@@ -310,13 +310,13 @@ def test_storage_on_a_gcs_bucket(gcs_bucket):
 @pytest.mark.slow
 def test_a_restored_trial_on_s3_whose_recorded_checkpoint_is_gone_resumes_from_the_newer_one(
         s3_bucket, monkeypatch):
-    """sweeps/restored.py on the bucket: S3 has no folders, only keys under prefixes."""
+    """sweeps/tune/restored.py on the bucket: S3 has no folders, only keys under prefixes."""
     from ray import tune
     from ray.train._internal.session import _TrainingResult
     from ray.train._internal.storage import StorageContext
     from ray.tune.experiment import Trial
 
-    from sweeps import restored
+    from sweeps.tune import restored
 
     uri, s3 = s3_bucket
     for key, value in S3_ENV.items():

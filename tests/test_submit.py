@@ -1,4 +1,4 @@
-"""sweeps/submit.py without a cluster: argument checks, the job's runtime env, the token.
+"""sweeps/tools/submit.py without a cluster: argument checks, the job's runtime env, the token.
 
 The submission itself, against a real token-authenticated cluster, is in test_cluster.py.
 """
@@ -11,12 +11,12 @@ import zipfile
 
 import pytest
 
-from sweeps import submit
-from sweeps.submit import EXCLUDES, SubmitError, check_run_args, runtime_env
+from sweeps.tools import submit
+from sweeps.tools.submit import EXCLUDES, SubmitError, check_run_args, runtime_env
 
 from conftest import ROOT, free_port
 
-SUBMIT = [sys.executable, str(ROOT / "sweeps" / "submit.py")]
+SUBMIT = [sys.executable, str(ROOT / "sweeps" / "tools" / "submit.py")]
 GOOD = ["--space", "smoke", "--storage", "/shared/sweeps", "--tracking-uri", "http://mlflow:5000"]
 
 
@@ -123,7 +123,7 @@ def _without_auth() -> dict:
 
 def _auth_headers_in(env: dict) -> dict:
     """auth_headers() in a fresh process: Ray's token loader caches what it read first."""
-    code = ("import json\nfrom sweeps.submit import SubmitError, auth_headers\n"
+    code = ("import json\nfrom sweeps.tools.submit import SubmitError, auth_headers\n"
             "try:\n    h, s = auth_headers(); print(json.dumps({'headers': h, 'source': s}))\n"
             "except SubmitError as e:\n    print(json.dumps({'error': str(e)}))\n")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env={**_without_auth(), **env},

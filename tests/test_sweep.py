@@ -12,7 +12,8 @@ from mlflow.tracking import MlflowClient
 
 from trainables import demo
 from trainables.config import TrialConfig
-from trainables.data import Batches, DataHandle, scan
+from trainables.data import DataHandle, scan
+from trainables.pipeline import Batches
 
 from conftest import run_sweep
 

@@ -7,9 +7,9 @@ import time
 import pytest
 from mlflow.tracking import MlflowClient
 
-from sweeps.plan import UsageError
-from sweeps.tracking import check_tracking_uri, outcome_of, redact
-from sweeps.writer import MERGE_LOOKBACK, Writer, WriterProcess, pump
+from sweeps.errors import UsageError
+from sweeps.records.tracking import check_tracking_uri, outcome_of, redact
+from sweeps.records.writer import MERGE_LOOKBACK, Writer, WriterProcess, pump
 
 
 class FlakyClient:
@@ -186,20 +186,6 @@ def test_writer_process_keeps_what_an_unreachable_server_did_not_get(tmp_path, m
     assert [(s["op"], s["run"]) for s in spooled] == [("batch", "p" * 32), ("end", "p" * 32)]
 
 
-@pytest.mark.skipif(not hasattr(os, "SCHED_IDLE"), reason="SCHED_IDLE is Linux's")
-def test_the_writer_process_runs_only_on_otherwise_idle_cores(tmp_path):
-    """Below the trials (Ray's workers run at niceness 15): SCHED_IDLE, set before it imports
-    MLflow, so its start-up does not slow the trials' own."""
-    write = WriterProcess(f"sqlite:///{tmp_path}/m.db", tmp_path / "pending.jsonl", {"parent": "p" * 32})
-    try:
-        deadline = time.time() + 60
-        while os.sched_getscheduler(write._proc.pid) != os.SCHED_IDLE and time.time() < deadline:
-            time.sleep(0.05)
-        assert os.sched_getscheduler(write._proc.pid) == os.SCHED_IDLE
-    finally:
-        write.close()
-
-
 def test_writes_after_the_writer_process_died_are_kept(tmp_path):
     write = WriterProcess(f"sqlite:///{tmp_path}/m.db", tmp_path / "pending.jsonl", {"parent": "p" * 32})
     write._proc.kill()
@@ -292,7 +278,7 @@ def test_a_dying_writer_process_adds_to_the_spool_instead_of_overwriting_it(tmp_
 
 
 def test_flush_command_sends_only_the_pending_writes(tmp_path, capsys, monkeypatch):
-    from sweeps.flush import main
+    from sweeps.records.flush import main
 
     from conftest import free_port
 
@@ -310,7 +296,7 @@ def test_flush_command_sends_only_the_pending_writes(tmp_path, capsys, monkeypat
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     assert main([str(sweep), "--tracking-uri", f"http://127.0.0.1:{free_port()}"]) == 1
     assert len(spool.read_text().splitlines()) == 3  # nothing acknowledged, nothing removed
-    from sweeps import storage
+    from sweeps.results import storage
 
     driver = storage.SweepFolder(str(sweep), resume=True)  # a driver resuming the sweep holds it
     assert main([str(sweep), "--tracking-uri", uri]) == 2

@@ -12,10 +12,10 @@ from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID
 from ray.tune.search.optuna import OptunaSearch
 
 from search_spaces.loader import load_space
-from sweeps.driver import param_space, search_algorithm
+from sweeps.records.tracking import MODE, OBJECTIVE, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
+from sweeps.records.warm_start import earlier_trials
 from sweeps.run import main
-from sweeps.tracking import MODE, OBJECTIVE, TAG_ROLE, TAG_SWEEP, TAG_TRIAL
-from sweeps.warm_start import earlier_trials
+from sweeps.tune.driver import param_space, search_algorithm
 
 from conftest import run_sweep
 
@@ -30,7 +30,7 @@ EARLIER = [
 
 
 def log_earlier_sweep(uri: str, name: str, max_epochs: int = 3) -> str:
-    """A finished sweep as sweeps/tracking.py lays it out; returns its parent run id."""
+    """A finished sweep as sweeps/records/tracking.py lays it out; returns its parent run id."""
     client = MlflowClient(uri)
     experiment = client.create_experiment(f"exp-{name}")
     parent = client.create_run(experiment, run_name=name, tags={TAG_SWEEP: name, TAG_ROLE: "parent",
@@ -94,7 +94,7 @@ def test_tpe_is_told_each_trials_best_val_acc_not_its_last(tracking):
     start = earlier_trials(uri, "earlier", space, log=lambda _: None)
     searcher = search_algorithm(space, None, start)
     # as the Tuner does: its metric is the driver's, so the searcher must keep the objective
-    from sweeps import driver
+    from sweeps.tune import driver
     assert searcher.set_search_properties(None, None, param_space(space))
     assert searcher.metric == OBJECTIVE
     searcher.suggest("t1")

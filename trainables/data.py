@@ -26,30 +26,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from trainables.geometry import CROP_RATIO, crop_size, decode_size  # noqa: F401 - also data's
 from trainables.splits import stratified
-
-CROP_RATIO = 0.875  # torchvision's classification reference: resize 256, crop 224
-
-
-def decode_size(image_size: int) -> int:
-    """The short side images are decoded to for a model input of ``image_size``."""
-    return round(image_size / CROP_RATIO)
-
-
-def crop_size(decoded: int) -> int:
-    """The ``image_size`` whose decode size is ``decoded``: ``decode_size`` grows by more
-    than 1 per step of 1, so its inverse is unique (|rounding error| * 0.875 < 0.5)."""
-    return round(decoded * CROP_RATIO)
-
-
-def __getattr__(name: str):
-    # ``trainables.data.Batches`` is the pipeline's, imported on first use: the driver
-    # checks and decodes the data without importing torch.
-    if name == "Batches":
-        from trainables.pipeline import Batches
-
-        return Batches
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 CACHE_VERSION = 4  # 2: decoded at image_size / 0.875, room for crops; 3: 16-bit scaled, EXIF;

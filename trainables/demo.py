@@ -7,12 +7,12 @@ PNGs, so the demo goes through exactly the code path a user's dataset does.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
 
 from trainables.config import TrialConfig
+from trainables.node_cache import cache_root
 
 PRETRAIN_DIGITS = range(0, 5)
 TRANSFER_DIGITS = range(5, 10)
@@ -20,23 +20,6 @@ IMAGE_SIZE = 32
 # Short and fixed: the backbone only has to be good enough to transfer from.
 PRETRAIN = dict(weights="none", optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4,
                 batch_size=64, max_epochs=8, decay_power=1.0, frozen_depth=0, seed=0)
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("FTSWEEP_CACHE", Path.home() / ".cache" / "ftsweep"))
-
-
-def keep_in_cache(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` in the cache, whole or not at all (a reader sees the old
-    file or the new one). A cache that cannot be written only costs the next sweep time."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):  # a cache path that is not a folder has no temp file either
-            tmp.unlink(missing_ok=True)
 
 
 def write_digits(root: Path, digits) -> Path:

@@ -23,7 +23,8 @@ import numpy as np
 import torch
 
 from trainables.config import TrialConfig
-from trainables.data import Batches, DataHandle
+from trainables.data import DataHandle
+from trainables.pipeline import Batches
 
 # The cache is skipped, with a message, when it would take more than this many bytes or
 # more than a quarter of the free disk.

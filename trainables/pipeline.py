@@ -25,7 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from trainables.data import CROP_RATIO, crop_size, decode_size  # noqa: F401 - the cache's geometry, also ours
+from trainables.geometry import CROP_RATIO, crop_size, decode_size  # noqa: F401 - the cache's geometry, also ours
 
 RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range, as torchvision's default
 

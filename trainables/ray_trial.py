@@ -13,14 +13,14 @@ from pathlib import Path
 import ray
 from ray import tune
 
-from trainables import demo
+from trainables import node_cache
 from trainables.data import DataHandle
 from trainables.scratch import scratch_dir
 
 
 def trainable(config: dict, data: DataHandle) -> None:
     # Here, not at the top: the driver hands ``trainable`` to Ray Tune without importing
-    # torch; Ray's prestarted workers have imported it already (sweeps.ray_session).
+    # torch; Ray's prestarted workers have imported it already (sweeps.tune.ray_session).
     from trainables.train import CHECKPOINT_FILE, run_trial
 
     started_at = time.time()
@@ -29,7 +29,7 @@ def trainable(config: dict, data: DataHandle) -> None:
     # The driver's cache folder is a path on the driver's node. A trial uses its own
     # node's ($FTSWEEP_CACHE as this node's Ray or the job's environment sets it), where
     # the first trial on the node decodes the images once for every later one.
-    data = replace(data, cache_dir=str(demo.cache_root() / "decoded"))
+    data = replace(data, cache_dir=str(node_cache.cache_root() / "decoded"))
     scratch = scratch_dir()
 
     def report(metrics: dict, checkpoint_dir: Path | None) -> None:

@@ -20,7 +20,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from trainables import demo
+from trainables import node_cache
 
 LOCK = ".lock"
 UNLOCKED_GRACE_S = 3600  # a folder not locked yet: its worker is starting (or died starting)
@@ -31,7 +31,7 @@ def scratch_dir() -> Path | None:
     """This process's scratch folder under the node's cache, made and locked on the first
     call, when the folders of workers that are gone are removed too; None when the cache
     cannot be written (the system's temporary folder serves instead)."""
-    root = demo.cache_root() / "scratch"
+    root = node_cache.cache_root() / "scratch"
     if root in _held and _held[root][0].is_dir():
         return _held[root][0]
     try:

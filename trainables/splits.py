@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from trainables.demo import cache_root, keep_in_cache
+from trainables.node_cache import cache_root, keep_in_cache
 
 
 def stratified(labels, val_fraction: float, seed: int) -> tuple[list[int], list[int]]:

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from trainables import data as data_module
 from trainables import features, prune
 from trainables.config import TrialConfig
-from trainables.data import Batches, DataHandle
+from trainables.data import DataHandle
 from trainables.models import ModelError, build_model, freeze, set_train_mode, stages
+from trainables.pipeline import Batches
 
 Report = Callable[[dict, Path | None], None]
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -101,7 +102,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         if state["pruned"]:
             prunable = prune.restore_masks(model)
     optimizer = make_optimizer(cfg, params)
-    scheduler = make_scheduler(cfg, optimizer, len(train), recovery=state["pruned"])
+    scheduler = lr_schedule(cfg, optimizer, len(train), recovery=state["pruned"])
     if ckpt is not None:
         optimizer.load_state_dict(ckpt["optimizer"])
         scheduler.load_state_dict(ckpt["scheduler"])
@@ -116,7 +117,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
         epoch += 1
         if epoch > state["finetune_epochs"] and not state["pruned"]:  # fine-tuned: prune, then recover
             prunable = prune.prune_global(model, cfg.prune_amount)
-            scheduler = step.scheduler = make_scheduler(cfg, optimizer, len(train), recovery=True)
+            scheduler = step.scheduler = lr_schedule(cfg, optimizer, len(train), recovery=True)
             state.update(pruned=True, phase_best_val_acc=-1.0)
         t0 = time.perf_counter()
         set_train_mode(model, staged, cfg.frozen_depth, training=True)
@@ -209,7 +210,7 @@ def save_checkpoint(path: Path, cfg: TrialConfig, data: DataHandle, model, optim
                 "image_size": data.image_size, "mean": list(data.mean), "std": list(data.std)}, path)
 
 
-def make_scheduler(cfg: TrialConfig, optimizer, steps_per_epoch: int, recovery: bool = False):
+def lr_schedule(cfg: TrialConfig, optimizer, steps_per_epoch: int, recovery: bool = False):
     """``lr_t = lr * (1 - t/T) ** decay_power`` stepped per batch, over the fine-tuning epochs.
 
     Recovery after pruning gets a fresh schedule of the same shape over the recovery

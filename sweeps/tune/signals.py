@@ -1,8 +1,7 @@
 """Ctrl-C and SIGTERM during a sweep: noted, so an interrupted sweep is never called a success.
 
-A module of its own, not ``run.py``: Ray Tune pickles its callbacks with the sweep's state
-(and ``Tuner.restore`` brings back the first run's), so the callback must be a class that
-pickles by reference and holds nothing; it finds the sweep's ``CtrlC`` through ``active``.
+The signal is recorded on the sweep's state (sweeps/records/state.py), which the callback
+holds: ``Tuner.restore`` brings back the first run's callback, whose state is this run's.
 """
 
 from __future__ import annotations
@@ -11,6 +10,8 @@ import signal
 import threading
 
 from ray.tune import Callback
+
+from sweeps.records.state import SweepState
 
 
 class CtrlC:
@@ -22,31 +23,34 @@ class CtrlC:
     leaving the ``with`` restores the handlers from before."""
 
     SIGNALS = (signal.SIGINT, signal.SIGTERM)
-    active: CtrlC | None = None  # the sweep this driver process runs now
 
-    def __init__(self):
-        self.caught: signal.Signals | None = None
+    def __init__(self, state: SweepState):
+        self.state = state
+
+    @property
+    def caught(self) -> signal.Signals | None:
+        return self.state.signal
 
     def __enter__(self):
         # None: a handler not set from Python; the default is what restoring can give back
         self._before = {sig: signal.getsignal(sig) or signal.SIG_DFL for sig in self.SIGNALS}
-        CtrlC.active = self
+        self.state.ctrl_c = self
         return self
 
     def __exit__(self, *exc):
-        CtrlC.active = None
+        self.state.ctrl_c = None
         if threading.current_thread() is threading.main_thread():
             for sig, handler in self._before.items():
                 signal.signal(sig, handler)
 
     def callback(self) -> NoteSignals:
-        return NoteSignals()
+        return NoteSignals(self.state)
 
     def wrap_tune_handler(self):
         tune_handler = signal.getsignal(signal.SIGINT)
 
         def note(sig, frame):
-            self.caught = self.caught or signal.Signals(sig)
+            self.state.signal = self.state.signal or signal.Signals(sig)
             if sig == signal.SIGTERM:
                 signal.signal(signal.SIGTERM, self._before[signal.SIGTERM])  # a second one kills
             if callable(tune_handler):
@@ -60,9 +64,12 @@ class CtrlC:
 
 
 class NoteSignals(Callback):
-    """Ray Tune callback: once Tune's own SIGINT handler is in place (``setup``), the active
+    """Ray Tune callback: once Tune's own SIGINT handler is in place (``setup``), the sweep's
     ``CtrlC`` wraps it."""
 
+    def __init__(self, state: SweepState):
+        self.state = state
+
     def setup(self, **info):
-        if CtrlC.active is not None:
-            CtrlC.active.wrap_tune_handler()
+        if self.state.ctrl_c is not None:
+            self.state.ctrl_c.wrap_tune_handler()

@@ -10,7 +10,7 @@ per image: ``prediction`` (the class name), ``probability`` (its softmax probabi
 
 The model decodes and normalises each image with the very code the sweep validated with
 (``trainables.data.decode_for``, then ``Batches``' centre crop and normalisation), so it
-predicts what ``sweeps/predict.py`` predicts and what the sweep scored. This module and the
+predicts what ``sweeps/tools/predict.py`` predicts and what the sweep scored. This module and the
 two ``trainables`` modules it needs travel inside the model (``code/``); it imports nothing
 else of the project.
 """
@@ -31,14 +31,16 @@ import torch
 from mlflow.exceptions import MlflowException
 from torch import nn
 
+from sweeps.records.format import ARTIFACT_PATH  # noqa: F401 - runs:/<parent run id>/model
 from trainables.data import decode_for
 from trainables.pipeline import Batches, decode_size
 
-ARTIFACT_PATH = "model"  # under the sweep's parent run: runs:/<parent run id>/model
 COLUMN = "image"
 # What the model's code/ folder holds: this module and what it imports of the project.
-SHIPPED = {"sweeps": ("__init__.py", "mlflow_model.py"),
-           "trainables": ("__init__.py", "data.py", "pipeline.py")}
+SHIPPED = ("sweeps/__init__.py", "sweeps/records/__init__.py", "sweeps/records/format.py",
+           "sweeps/records/mlflow_model.py", "trainables/__init__.py", "trainables/data.py",
+           "trainables/geometry.py", "trainables/node_cache.py", "trainables/pipeline.py", "trainables/splits.py")
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class ImageClassifier(mlflow.pyfunc.PythonModel):
@@ -154,22 +156,20 @@ def save(best_dir: Path, out: Path) -> Path:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=".mlflow-model-") as tmp:
         code = Path(tmp) / "code"
-        for package, files in SHIPPED.items():
-            (code / package).mkdir(parents=True)
-            here = Path(__file__).resolve().parents[1] / package
-            for name in files:
-                shutil.copy(here / name, code / package / name)
+        for name in SHIPPED:
+            (code / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(ROOT / name, code / name)
         saved = Path(tmp) / "model"
         mlflow.pyfunc.save_model(
             saved, python_model=ImageClassifier(),
             artifacts={"state_dict": str(best_dir / "model.pt"), "meta": str(best_dir / "meta.json")},
-            code_paths=[str(code / p) for p in SHIPPED], signature=signature(),
+            code_paths=[str(code / p) for p in sorted({n.split('/')[0] for n in SHIPPED})], signature=signature(),
             input_example=pd.DataFrame({COLUMN: [example_image(int(meta["image_size"]))]}),
             pip_requirements=requirements(),
             metadata={"classes": list(meta["classes"]), "image_size": int(meta["image_size"]),
                       "model": meta["model"], "val_acc": meta["val_acc"], "mean": meta["mean"],
                       "std": meta["std"], "decode_size": decode_size(int(meta["image_size"]))})
-        from sweeps.storage import replace_dir  # at save time only: the served model ships without it
+        from sweeps.results.storage import replace_dir  # at save time only: the served model ships without it
 
         replace_dir(saved, out)
     return out

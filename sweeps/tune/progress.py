@@ -7,17 +7,16 @@ import time
 
 from ray.tune import ProgressReporter
 
-from sweeps.tracking import OUTCOMES, MlflowTrials, outcome_of, trial_budget
+from sweeps.records.format import METRIC, OUTCOMES
+from sweeps.records.tracking import outcome_of, trial_budget
 
-METRIC = "val_acc"
 
-
-def counts(trials, max_epochs: int) -> dict[str, int]:
+def counts(trials, max_epochs: int, tagged: dict[str, str] | None = None) -> dict[str, int]:
     """Trials by state: pending, running, paused at a rung (a pausing scheduler), and the
-    outcomes of finished trials (as MLflow tagged them, else judged against each trial's
-    own budget)."""
+    outcomes of finished trials (as MLflow tagged them, ``tagged`` by trial id, else judged
+    against each trial's own budget)."""
     out = {"pending": 0, "running": 0, **dict.fromkeys(OUTCOMES, 0)}
-    tagged = MlflowTrials.active.outcomes if MlflowTrials.active else {}
+    tagged = tagged or {}
     for t in trials:
         if t.status == "PAUSED":
             out["paused"] += 1
@@ -40,8 +39,8 @@ def best(trials) -> tuple[float, str, int] | None:
     return value, trial.trial_id, int(trial.last_result.get("epoch", 0))
 
 
-def status_line(trials, max_epochs: int, total: int, elapsed: float) -> str:
-    c = counts(trials, max_epochs)
+def status_line(trials, max_epochs: int, total: int, elapsed: float, tagged: dict | None = None) -> str:
+    c = counts(trials, max_epochs, tagged)
     found = best(trials)
     best_text = (f"best val_acc {found[0]:.4f} (trial {found[1]})" if found else "best val_acc -")
     return (f"[{int(elapsed) // 60:02d}:{int(elapsed) % 60:02d}] {len(trials)}/{total} trials: "
@@ -56,8 +55,8 @@ class LiveStatus(ProgressReporter):
     """One line rewritten in place on a terminal; in a log (not a TTY), a line only when
     the counts change, so a 50-trial sweep writes tens of lines, not thousands."""
 
-    def __init__(self, max_epochs: int, total: int, stream=None):
-        self.max_epochs, self.total = max_epochs, total
+    def __init__(self, max_epochs: int, total: int, stream=None, state=None):
+        self.max_epochs, self.total, self.state = max_epochs, total, state
         self._stream = stream  # None: sys.stdout when writing (Tune pickles the reporter)
         self.tty = self.stream.isatty()
         self.start = time.time()
@@ -78,7 +77,9 @@ class LiveStatus(ProgressReporter):
 
     def report(self, trials, done: bool, *sys_info) -> None:
         self.last_report = time.time()
-        line = status_line(trials, self.max_epochs, self.total, self.last_report - self.start)
+        tracker = self.state.tracker if self.state is not None else None
+        line = status_line(trials, self.max_epochs, self.total, self.last_report - self.start,
+                           tracker.outcomes if tracker is not None else None)
         if self.tty:
             self.stream.write("\r\x1b[K" + line + ("\n" if done else ""))
         elif line.split("] ", 1)[1] != self.last_line.split("] ", 1)[-1]:

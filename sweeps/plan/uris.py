@@ -26,7 +26,7 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
     Credentials in the URI (``http://user:password@host``) go to the server as HTTP basic
     authentication, as MLflow's own client sends them; a server that refuses them is
     reachable, and the message says the credentials were refused."""
-    from sweeps.plan import UsageError
+    from sweeps.errors import UsageError
 
     parts = urllib.parse.urlsplit(uri)
     if parts.scheme in ("http", "https"):

@@ -1,5 +1,5 @@
 """Start Ray on this machine, or join a cluster: the driver's first heavy step, kept
-apart from the Ray Tune wiring (``sweeps/driver.py``) so that it can begin while the
+apart from the Ray Tune wiring (``sweeps/tune/driver.py``) so that it can begin while the
 sweep's other modules (torch, torchvision, MLflow, Ray Tune) are still being imported."""
 
 from __future__ import annotations

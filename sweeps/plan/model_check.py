@@ -22,7 +22,7 @@ import json
 import os
 from pathlib import Path
 
-from trainables import demo
+from trainables import node_cache
 
 CODE = ("trainables.models", "trainables.zoo")  # the modules whose code decides the answers
 
@@ -70,7 +70,7 @@ def check(model: str, num_classes: int, weights: str, image_size: int) -> tuple[
 
 
 def _remembered(key: str, build, holds=lambda facts: True) -> dict:
-    path = demo.cache_root() / "checks" / "models.json"
+    path = node_cache.cache_root() / "checks" / "models.json"
     known = _read(path)
     if key in known and holds(known[key]):
         return known[key]
@@ -79,7 +79,7 @@ def _remembered(key: str, build, holds=lambda facts: True) -> dict:
     # versions or model code: they can never be asked again.
     current = list(_installed())
     known = {k: v for k, v in _read(path).items() if json.loads(k)[-2:] == current}
-    demo.keep_in_cache(path, json.dumps({**known, key: facts}, indent=1, sort_keys=True))
+    node_cache.keep_in_cache(path, json.dumps({**known, key: facts}, indent=1, sort_keys=True))
     return facts
 
 

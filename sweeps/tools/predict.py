@@ -1,5 +1,5 @@
 """Classify a folder of images with a sweep's best model:
-``python sweeps/predict.py --run RUN_ID_OR_SWEEP_OR_MODEL_URI --images DIR --out preds.csv``.
+``python sweeps/tools/predict.py --run RUN_ID_OR_SWEEP_OR_MODEL_URI --images DIR --out preds.csv``.
 
 The model is the sweep's MLflow Model (``runs:/<parent run>/model``, or a registered version
 such as ``models:/NAME@champion``). Images are decoded and normalised by the code the sweep
@@ -18,25 +18,25 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sweeps.best_model import add_run_arguments  # noqa: E402
-from sweeps.plan import UsageError  # noqa: E402
+from sweeps.errors import UsageError  # noqa: E402
+from sweeps.records.best_model import add_run_arguments  # noqa: E402
 from trainables.data import IMAGE_EXTENSIONS, is_hidden  # noqa: E402
 
 EPILOG = """CSV columns: path, prediction (class name), probability (its softmax probability),
 then top2, top2_prob, ... up to --top-k. Rows are in path order.
 
 examples:
-  python sweeps/predict.py --run smoke-20260101-120000 --images ~/new_photos --out preds.csv
-  python sweeps/predict.py --tracking-uri http://mlflow:5000 --run 3f2c... --images DIR --out - --top-k 1
-  python sweeps/predict.py --run models:/digits@champion --images ~/new_photos --out preds.csv
+  python sweeps/tools/predict.py --run smoke-20260101-120000 --images ~/new_photos --out preds.csv
+  python sweeps/tools/predict.py --tracking-uri http://mlflow:5000 --run 3f2c... --images DIR --out - --top-k 1
+  python sweeps/tools/predict.py --run models:/digits@champion --images ~/new_photos --out preds.csv
 """
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sweeps/predict.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="sweeps/tools/predict.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Classify every image under a folder with the best model of a sweep, "
                     "preprocessed exactly as the sweep evaluated it; write one CSV row per image.")
     add_run_arguments(p)
@@ -75,8 +75,8 @@ def classify(best, paths: list[Path], top_k: int, batch_size: int, device: str, 
     """CSV rows for the readable images, and ``(path, reason)`` for the others.
 
     Decodes one batch at a time, so memory does not grow with the folder."""
-    from sweeps.best_model import decode_images
-    from sweeps.mlflow_model import probabilities
+    from sweeps.records.best_model import decode_images
+    from sweeps.records.mlflow_model import probabilities
 
     rows, unreadable = [], []
     with ThreadPoolExecutor(workers) as pool:
@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         if not paths:
             raise UsageError(f"--images {args.images}: no image files under it "
                              f"(looked for {' '.join(IMAGE_EXTENSIONS)}; found {len(others)} other files)")
-        from sweeps.best_model import load_best
+        from sweeps.records.best_model import load_best
 
         best = load_best(args.tracking_uri, args.run)
     except UsageError as e:

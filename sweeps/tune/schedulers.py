@@ -13,7 +13,7 @@ turn out worse.
 to the full budget, the rest end there.
 
 Both rebuild their rungs after ``Tuner.restore`` from the results each trial recorded (and
-bring the searcher up to date with the restored trials, sweeps/restored.py), and
+bring the searcher up to date with the restored trials, sweeps/tune/restored.py), and
 put the trials that were waiting at a rung back in PAUSED (Tune's restore makes every
 unfinished trial PENDING).
 """
@@ -26,13 +26,8 @@ from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
 from ray.tune.search import ConcurrencyLimiter, Searcher
 
-from sweeps import restored
-
-# Pauses this driver process decided: trial id -> the rungs it paused at, in order. Read by
-# the MLflow callback (a paused trial's run says so) and the tests.
-PAUSES: dict[str, list[int]] = {}
-# Trials waiting at a rung right now.
-PAUSED: set[str] = set()
+from sweeps.records.state import SweepState, not_promoted
+from sweeps.tune import restored
 
 
 def rung_milestones(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
@@ -49,8 +44,9 @@ class PromotionScheduler(restored.CatchUpOnRestore, FIFOScheduler):
     """Asynchronous successive halving that pauses instead of stopping (see the module)."""
 
     def __init__(self, time_attr: str, metric: str, mode: str, max_t: int, grace_period: int = 1,
-                 reduction_factor: float = 3.0):
+                 reduction_factor: float = 3.0, state: SweepState | None = None):
         super().__init__()
+        self.state = state or SweepState()  # where its pauses and stops are recorded
         self._time_attr, self._metric, self._mode = time_attr, metric, mode
         self.max_t, self.reduction_factor = max_t, reduction_factor
         self.milestones = rung_milestones(grace_period, reduction_factor, max_t)
@@ -95,8 +91,7 @@ class PromotionScheduler(restored.CatchUpOnRestore, FIFOScheduler):
         if self.promotable(t, trial.trial_id) and self.goes_on_now(tune_controller, trial, t):
             self.promoted[t].add(trial.trial_id)
             return TrialScheduler.CONTINUE
-        PAUSES.setdefault(trial.trial_id, []).append(t)
-        PAUSED.add(trial.trial_id)
+        self.state.pause(trial.trial_id, t)
         return TrialScheduler.PAUSE
 
     def goes_on_now(self, tune_controller, trial, rung: int) -> bool:
@@ -130,7 +125,7 @@ class PromotionScheduler(restored.CatchUpOnRestore, FIFOScheduler):
         if found:
             (rung, _), trial = max(found, key=lambda kv: kv[0])
             self.promoted[rung].add(trial.trial_id)
-            PAUSED.discard(trial.trial_id)
+            self.state.paused.discard(trial.trial_id)
             return trial
         self.end_hopeless(tune_controller, trials)
         pending = [t for t in trials if t.status == Trial.PENDING]
@@ -141,8 +136,7 @@ class PromotionScheduler(restored.CatchUpOnRestore, FIFOScheduler):
     def sync(self, tune_controller, trials) -> None:
         """Tell the search's lane limiter which trials wait at a rung: they hold no lane."""
         waiting = {t.trial_id for t in trials if t.status == Trial.PAUSED}
-        PAUSED.intersection_update(waiting)
-        PAUSED.update(waiting)
+        self.state.paused = set(waiting)
         limiter = lane_limiter(tune_controller)
         if limiter is not None:
             limiter.paused = waiting
@@ -163,18 +157,15 @@ class PromotionScheduler(restored.CatchUpOnRestore, FIFOScheduler):
                 self.stop_paused(tune_controller, t, rung)
 
     def stop_paused(self, tune_controller, trial, rung: int) -> None:
-        from sweeps import driver
-
-        driver.ASHA_STOPPED.add(trial.trial_id)  # stopped by the scheduler, not the time budget
-        PAUSED.discard(trial.trial_id)
+        self.state.stop(trial.trial_id, not_promoted(rung))
         result = trial.last_result
-        result["stop_reason"] = f"not promoted from rung {rung}"  # the reason MLflow's tag gives
+        result["stop_reason"] = not_promoted(rung)
         # the searcher learns the trial's score (stop_trial tells it none for a paused trial)
         tune_controller.search_alg.on_trial_complete(trial.trial_id, result=result)
         tune_controller.stop_trial(trial)
 
     def on_trial_remove(self, tune_controller, trial) -> None:
-        PAUSED.discard(trial.trial_id)
+        self.state.paused.discard(trial.trial_id)
 
     # --- restore -------------------------------------------------------------------------
     def replay(self, tune_controller, trials) -> int:
@@ -193,7 +184,7 @@ class PromotionScheduler(restored.CatchUpOnRestore, FIFOScheduler):
                     replayed += 1
             if trial.status == Trial.PENDING and last in self.rungs and trial.trial_id not in self.promoted[last]:
                 tune_controller._set_trial_status(trial, Trial.PAUSED)
-                PAUSED.add(trial.trial_id)
+                self.state.paused.add(trial.trial_id)
         if replayed:
             waiting = sum(t.status == Trial.PAUSED for t in trials)
             print(f"{type(self).__name__}: rungs rebuilt from {replayed} results recorded before the restart; "
@@ -209,8 +200,9 @@ class TopKScheduler(PromotionScheduler):
     """Every trial trains to one rung (``rung`` epochs) and waits there; when all have, the
     best ``k`` train on to the full budget and the rest end."""
 
-    def __init__(self, time_attr: str, metric: str, mode: str, max_t: int, k: int = 3, rung: int = 1):
-        super().__init__(time_attr, metric, mode, max_t, grace_period=rung, reduction_factor=2.0)
+    def __init__(self, time_attr: str, metric: str, mode: str, max_t: int, k: int = 3, rung: int = 1,
+                 state: SweepState | None = None):
+        super().__init__(time_attr, metric, mode, max_t, grace_period=rung, reduction_factor=2.0, state=state)
         self.milestones = [rung] if rung < max_t else []
         self.rungs = {m: {} for m in self.milestones}
         self.promoted = {m: set() for m in self.milestones}
@@ -270,15 +262,16 @@ def _search_finished(tune_controller) -> bool:
     return tune_controller.search_alg.is_finished()
 
 
-def make_scheduler(settings: dict, *, time_attr: str, metric: str, mode: str, max_t: int):
-    """The scheduler a space's ``scheduler:`` section names (search_spaces/loader.py checked it)."""
+def pausing_scheduler(settings: dict, *, time_attr: str, metric: str, mode: str, max_t: int,
+                      state: SweepState | None = None):
+    """The pausing scheduler a space's ``scheduler:`` section names (search_spaces/loader.py checked it)."""
     kind = settings["type"]
     if kind == "promotion":
         return PromotionScheduler(time_attr, metric, mode, max_t,
                                   grace_period=min(settings["grace_period"], max_t),
-                                  reduction_factor=settings["reduction_factor"])
+                                  reduction_factor=settings["reduction_factor"], state=state)
     if kind == "top_k":
-        return TopKScheduler(time_attr, metric, mode, max_t, k=settings["k"], rung=settings["rung"])
+        return TopKScheduler(time_attr, metric, mode, max_t, k=settings["k"], rung=settings["rung"], state=state)
     raise ValueError(f"not a pausing scheduler: {kind}")
 
 

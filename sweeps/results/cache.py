@@ -1,4 +1,4 @@
-"""The decoded-image caches on this node: ``python sweeps/cache.py list|remove [KEY...|--all]``.
+"""The decoded-image caches on this node: ``python sweeps/results/cache.py list|remove [KEY...|--all]``.
 
 Every sweep decodes its dataset once into a cache under ``$FTSWEEP_CACHE/decoded``
 (default ``~/.cache/ftsweep/decoded``), one folder per dataset content, split and image
@@ -17,13 +17,13 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from trainables import demo  # noqa: E402
+from trainables import node_cache  # noqa: E402
 
 
 def decoded_root() -> Path:
-    return demo.cache_root() / "decoded"
+    return node_cache.cache_root() / "decoded"
 
 
 def caches(root: Path | None = None) -> list[dict]:
@@ -81,7 +81,7 @@ def matching(entries: list[dict], keys: list[str]) -> list[dict]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweeps/cache.py", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="sweeps/results/cache.py", description=__doc__.split("\n\n")[0],
                                 epilog=__doc__.split("\n\n", 1)[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)

@@ -1,7 +1,7 @@
-"""Send the MLflow writes a sweep kept on disk: ``python sweeps/flush.py SWEEP_DIR``.
+"""Send the MLflow writes a sweep kept on disk: ``python sweeps/records/flush.py SWEEP_DIR``.
 
 A sweep that could not reach its tracking server keeps the writes it could not send in
-``SWEEP_DIR/mlflow_pending.jsonl`` (``sweeps/writer.py``). ``--resume`` sends them first;
+``SWEEP_DIR/mlflow_pending.jsonl`` (``sweeps/records/writer.py``). ``--resume`` sends them first;
 this sends them without running anything: in order, each removed from the file only once
 MLflow acknowledged it. Exit code 0 when everything was sent, 1 when some writes are still
 pending (the file keeps them), 2 on bad input.
@@ -16,16 +16,16 @@ import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sweeps import storage  # noqa: E402
-from sweeps.writer import Writer  # noqa: E402
+from sweeps.records.writer import Writer  # noqa: E402
+from sweeps.results import storage  # noqa: E402
 
 SPOOL = "mlflow_pending.jsonl"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="sweeps/flush.py", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="sweeps/records/flush.py", description=__doc__.split("\n\n")[0])
     p.add_argument("sweep_dir", metavar="SWEEP_DIR",
                    help="the sweep's folder under --storage (where mlflow_pending.jsonl is)")
     p.add_argument("--tracking-uri", metavar="URI",

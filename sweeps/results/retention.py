@@ -22,7 +22,7 @@ from pathlib import PurePosixPath
 
 import pyarrow.fs as pafs
 
-METRIC = "val_acc"
+from sweeps.records.format import METRIC
 
 
 def retain(results, outcomes: dict[str, str], keep_top: int, trial_id_of) -> dict:

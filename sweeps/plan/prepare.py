@@ -16,22 +16,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from search_spaces.loader import Space, SpaceError, load_space
-from sweeps import storage
 from sweeps.cli import parse_sets
-from trainables import demo
+from sweeps.errors import UsageError
+from sweeps.results import storage
+from trainables import demo, node_cache
 from trainables.config import TrialConfig, coerce
 from trainables.zoo import check_model_name
 
 if TYPE_CHECKING:
-    from sweeps.warm_start import WarmStart
+    from sweeps.records.warm_start import WarmStart
     from trainables.data import DataHandle
 
 # The checks that come before Ray starts import nothing heavy: Ray's start overlaps with
 # importing torch, torchvision and MLflow for the slower checks (sweeps/run.py).
-
-
-class UsageError(Exception):
-    """Bad input: the sweep cannot start. The message says what and where."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +50,7 @@ class Plan:
     warm_start: WarmStart | None = None  # an earlier sweep's trials, for TPE's history
     split_seed: int = 0  # the stratified train/val split's seed (--split-seed), not the search's
     val_fraction: float = 0.2
-    inputs: dict = field(default_factory=dict)  # sweeps.inputs.sweep_inputs, on the parent run
+    inputs: dict = field(default_factory=dict)  # sweeps.plan.inputs.sweep_inputs, on the parent run
     max_acc_drop: float | None = None  # name the smallest model within this of the best val_acc
     keep_checkpoints: int = 1  # after the sweep: the best checkpoint of this many best trials
     register: str | None = None  # --register: the registered model the best model becomes a version of
@@ -89,7 +86,7 @@ def prepare(args, log=print, checked: Callable[[], None] | None = None) -> Plan:
 
 
 def _prepare(args, log, checked: Callable[[], None]) -> Plan:
-    from sweeps.uris import check_tracking_uri
+    from sweeps.plan.uris import check_tracking_uri
 
     _check_flags(args)
     space = load_space(args.space)
@@ -108,13 +105,13 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     _check_storage(args.storage)
     check_tracking_uri(args.tracking_uri)
     if getattr(args, "register", None) is not None:
-        from sweeps.registry import check_registry
+        from sweeps.records.registry import check_registry
 
         check_registry(args.tracking_uri, args.register)
     checked()
 
-    from sweeps import model_check
-    from sweeps.inputs import sweep_inputs
+    from sweeps.plan import model_check
+    from sweeps.plan.inputs import sweep_inputs
     from trainables.data import DataHandle, scan
 
     _check_frozen_depth(space, model)
@@ -137,7 +134,7 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
     start = _warm_start(args, space, dataset.fingerprint, log) if args.warm_start else None
 
     # Decoding is the validation pass: every image is read once, here, before anything starts.
-    data = DataHandle(dataset, cfg.image_size, str(demo.cache_root() / "decoded"), mean, std)
+    data = DataHandle(dataset, cfg.image_size, str(node_cache.cache_root() / "decoded"), mean, std)
     data = data.prepare(skip_bad=args.skip_bad_images)
     if data.dataset.skipped:
         log(f"Skipping {len(data.dataset.skipped)} bad file(s) (--skip-bad-images); "
@@ -158,16 +155,16 @@ def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: di
     """A name is one sweep. Without --resume, an existing sweep of this name (its MLflow
     parent run, or its folder) stops us; with it, the resumed command must describe the
     same sweep. Returns the trial count a resumed sweep started with."""
-    from sweeps.inputs import recorded_inputs
-    from sweeps.tracking import client as tracking_client
-    from sweeps.tracking import find_parent_run
+    from sweeps.plan.inputs import recorded_inputs
+    from sweeps.records.format import find_parent_run
+    from sweeps.records.tracking import client as tracking_client
 
     # A sqlite store that does not exist yet holds no earlier sweep: looking must not create it.
     uri = args.tracking_uri
     new_store = uri.startswith("sqlite:///") and not Path(uri.removeprefix("sqlite:///")).expanduser().exists()
     client = None if new_store else tracking_client(uri)  # an existing store may be new to MLflow still
     exp = client.get_experiment_by_name(experiment) if client else None
-    parent = find_parent_run(client, exp.experiment_id, name) if exp else None
+    parent = find_parent_run(client, name, exp.experiment_id) if exp else None
     if not args.resume:
         folder = Path(storage) / name if "://" not in storage else None
         if parent is None and not (folder and folder.exists()):
@@ -178,7 +175,7 @@ def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: di
                          f"Add --resume to continue it, or pass another --name for a new sweep")
     was = recorded_inputs(parent) if parent else None
     if parent is None:  # another --data folder name means another default --experiment
-        parent = find_parent_run(client, None, name) if client else None
+        parent = find_parent_run(client, name) if client else None
         if parent is None:
             return None
         was = {**(recorded_inputs(parent) or {}),
@@ -191,7 +188,7 @@ def _check_sweep_name(args, storage: str, name: str, experiment: str, inputs: di
 
 def _check_same_sweep(name: str, parent, was: dict, inputs: dict) -> None:
     """--resume continues the sweep only on the inputs it started with."""
-    from sweeps.inputs import input_changes
+    from sweeps.plan.inputs import input_changes
 
     changes = input_changes(was, inputs)
     if changes:
@@ -227,7 +224,7 @@ def _check_frozen_depth(space: Space, model: str) -> None:
                   else max(param.values) if param else space.config().frozen_depth)
     if deepest == 0:
         return
-    from sweeps.model_check import stages as num_stages
+    from sweeps.plan.model_check import stages as num_stages
 
     stages = num_stages(model)
     if deepest > stages:
@@ -263,7 +260,7 @@ def _max_acc_drop(args, space: Space) -> float | None:
 
 def _warm_start(args, space: Space, fingerprint: str, log) -> WarmStart:
     from dashboards.frame import SweepNotFound
-    from sweeps.warm_start import earlier_trials
+    from sweeps.records.warm_start import earlier_trials
 
     if not space.search:
         raise UsageError(f"--warm-start {args.warm_start}: space {space.name} searches nothing, "
@@ -336,7 +333,7 @@ def _check_tracking_scheme(uri: str) -> None:
     The usual ones pass without importing MLflow (a second, before Ray can start)."""
     import urllib.parse
 
-    from sweeps.uris import redact
+    from sweeps.plan.uris import redact
 
     scheme = urllib.parse.urlsplit(uri).scheme
     if scheme in COMMON_STORES:

@@ -11,15 +11,11 @@ from __future__ import annotations
 import re
 import urllib.parse
 
-from sweeps.plan import UsageError
-from sweeps.uris import redact
-
-# sweeps.mlflow_model.ARTIFACT_PATH: this module is imported by the checks before Ray starts,
-# which import neither torch nor MLflow's pyfunc
-ARTIFACT_PATH = "model"
+from sweeps.errors import UsageError
+from sweeps.plan.uris import redact
+from sweeps.records.format import ARTIFACT_PATH, TAG_FINGERPRINT, TAG_PARENT, TAG_VAL_ACC, TAG_VERSION_SWEEP  # noqa: F401
 
 CHAMPION = "champion"
-TAG_PARENT, TAG_FINGERPRINT, TAG_VAL_ACC, TAG_VERSION_SWEEP = "parent_run_id", "dataset_fingerprint", "val_acc", "sweep"
 # Stores whose registry lives in the same database as the runs.
 SQL_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
 MODEL_URI = re.compile(r"models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>[^/]+))")

@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import json
 
-# What the sweep ran on, as one JSON tag of its parent run: --resume compares with it.
-TAG_INPUTS = "ftsweep.inputs"
+from sweeps.records.format import TAG_INPUTS
 
 
 def sweep_inputs(space, fingerprint: str, split_seed: int, val_fraction: float) -> dict[str, str]:

@@ -8,22 +8,22 @@ import tempfile
 import time
 from pathlib import Path
 
-from sweeps import schedulers
-from sweeps.storage import replace_dir
-from sweeps.tracking import OUTCOMES, outcome_of, redact, trial_budget, trial_id_of
-
-METRIC, MODE = "val_acc", "max"
+from sweeps.records.format import METRIC, OUTCOMES
+from sweeps.records.tracking import outcome_of, redact, trial_budget, trial_id_of
+from sweeps.results.storage import replace_dir
 
 
-def count_trials(results, outcomes: dict[str, str] | None = None, interrupted: bool = False) -> dict:
+def count_trials(results, outcomes: dict[str, str] | None = None, interrupted: bool = False,
+                 paused: set[str] = frozenset()) -> dict:
     """Trials by outcome: as the tracker tagged them in MLflow (``outcomes``, by trial id),
     else judged from the trial's last result against its own budget. In a sweep a signal
     stopped (``interrupted``), a trial that had not ended was cut by the signal, not by
-    ASHA: it counts as ``interrupted`` (``--resume`` continues it)."""
+    ASHA: it counts as ``interrupted`` (``--resume`` continues it); one waiting at a rung
+    then (``paused``, the sweep state's) counts as paused."""
     counts = {**dict.fromkeys(OUTCOMES, 0), "interrupted": 0}
     for r in results:
         outcome = (outcomes or {}).get(trial_id_of(r))
-        if outcome not in counts and trial_id_of(r) in schedulers.PAUSED:
+        if outcome not in counts and trial_id_of(r) in paused:
             outcome = "paused"  # waiting at a rung when the sweep stopped: --resume goes on from there
         if outcome not in counts:  # not ended through the tracker (or tagged abandoned)
             outcome = ("interrupted" if interrupted and r.error is None

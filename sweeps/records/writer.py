@@ -1,7 +1,7 @@
 """Every MLflow write of a sweep, in order, retried and never silently dropped.
 
 ``Writer`` sends the writes itself. ``WriterProcess`` hands them to a ``Writer`` in a child
-process (``python sweeps/writer.py``), so Ray Tune's controller loop never waits on the
+process (``python sweeps/records/writer.py``), so Ray Tune's controller loop never waits on the
 tracking server or spends its CPU time on it: a write costs the driver a JSON line on a
 pipe. The child gathers each burst of writes (at most MAX_DELAY_S) and those that queue up
 behind a slow or absent server, merges them into one ``log_batch`` per run, and when the
@@ -24,24 +24,15 @@ import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script (the child process): make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 # MLflow's limits on one log_batch call
 BATCH_LIMITS = {"metrics": 1000, "params": 100, "tags": 100}
 MERGE_LOOKBACK = 64  # queued writes searched for a batch of the same run to merge into
 F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 PIPE_BYTES = 1 << 20
-# Training and Tune's controller loop come first. Ray runs its workers, the trials, at
-# niceness 15 (its worker_niceness), a scheduler weight of 36 against 1024 at niceness 0.
-# At niceness 19 (weight 15) the writer would still take about a third of a core beside a
-# busy trial: its MLflow import took 2.5 CPU-s from the first trials' start-up on 2 cores.
-# So it runs under SCHED_IDLE, the lowest weight Linux has (3): 0.7 CPU-s there. Its
-# backlog stays small (queued batches of one run merge), and at the end of the sweep, with
-# the trials done, it catches up while the driver waits; only other work saturating every
-# core would starve it (then the driver's wait ends after its timeout and the spool file
-# keeps what is unsent). Priorities order processes within one session (Linux groups
-# sessions under autogroup): a local Ray's workers share the driver's. An unprivileged
-# process cannot leave SCHED_IDLE. Where it does not exist, the writer runs at niceness 19.
+# Training comes first: the writer runs below Ray's workers (niceness 15); its backlog of
+# merged batches catches up when the trials are done.
 WRITER_NICENESS = 19
 # Writes are gathered until they pause for QUIET_S, or for at most MAX_DELAY_S: a burst,
 # such as a trial's start, parameters, epochs and end, merges into fewer calls, sent after
@@ -131,7 +122,7 @@ class Writer:
             self.client.log_artifact(self.run_ids[key], kw["local_path"], kw.get("artifact_path"))
         elif op == "artifacts":
             self.client.log_artifacts(self.run_ids[key], kw["local_dir"], kw.get("artifact_path"))
-        elif op == "inputs":  # a dataset input: kw as sweeps.inputs.dataset_input makes it
+        elif op == "inputs":  # a dataset input: kw as sweeps.plan.inputs.dataset_input makes it
             from mlflow.entities import Dataset, DatasetInput, InputTag
 
             tags = [InputTag(k, v) for k, v in kw.get("tags", {}).items()]
@@ -296,20 +287,11 @@ def _read_until_closed(fd: int, deadline: float) -> bytes:
     return b"".join(chunks)
 
 
-def lowest_priority() -> None:
-    """Run this process below everything else on the machine (SCHED_IDLE), else at niceness
-    WRITER_NICENESS."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):  # not Linux
-        os.nice(WRITER_NICENESS)
-
-
 def serve(answer_fd: str) -> int:
     """The child: read the tracking URI, the spool and what is queued from the first line of
     stdin, then writes, one per line; send them, and at end of input send the rest and write
     ``{"run_ids", "queue", "last_error"}`` to the pipe ``answer_fd``."""
-    lowest_priority()  # first: importing MLflow (2 CPU-s) must not slow the trials' start
+    os.nice(WRITER_NICENESS)
     from mlflow.tracking import MlflowClient
 
     lines: queue.SimpleQueue[str | None] = queue.SimpleQueue()

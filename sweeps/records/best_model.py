@@ -1,9 +1,9 @@
 """The best model of a sweep: logged at the sweep's end as an MLflow Model, loaded back for
-``sweeps/predict.py`` and ``sweeps/export.py``.
+``sweeps/tools/predict.py`` and ``sweeps/tools/export.py``.
 
 The sweep's parent run keeps it twice: ``best/model.pt`` (a plain torchvision state_dict)
 with ``best/meta.json``, and the same weights as the MLflow Model ``model/`` (the pyfunc of
-``sweeps/mlflow_model.py``, which preprocesses images as the sweep validated them). Readers
+``sweeps/records/mlflow_model.py``, which preprocesses images as the sweep validated them). Readers
 load the MLflow Model: by the sweep's parent run id or name (``runs:/<run>/model``), or by a
 registry URI (``models:/NAME@champion``, ``models:/NAME/3``).
 """
@@ -24,16 +24,16 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sweeps.plan import UsageError
-from sweeps.tracking import TAG_ROLE, TAG_SWEEP, check_tracking_uri, redact
+from sweeps.errors import UsageError
+from sweeps.plan.uris import check_tracking_uri, redact
+from sweeps.records import format
+from sweeps.records.format import ARTIFACT_PATH as MODEL_DIR
+from sweeps.records.format import BEST_DIR, BEST_FILES, TAG_ROLE, TAG_SWEEP
 from trainables.data import decode_for, decode_size
 
 if TYPE_CHECKING:
     from torch import nn
 
-BEST_DIR = "best"
-BEST_FILES = ("model.pt", "meta.json")  # the plain state_dict and what it is, for torchvision users
-MODEL_DIR = "model"  # sweeps.mlflow_model.ARTIFACT_PATH, without importing MLflow's pyfunc here
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class BestModel:
 
     def batches(self, images: np.ndarray, batch_size: int):
         """The batches the MLflow Model's pyfunc feeds its model (``mlflow_model.val_batches``)."""
-        from sweeps.mlflow_model import val_batches
+        from sweeps.records.mlflow_model import val_batches
 
         return val_batches(self.meta, images, batch_size)
 
@@ -72,7 +72,7 @@ def log_model(tracker, best_dir: Path, out: Path) -> bool:
     """Save the MLflow Model of the checkpoint in ``best_dir`` to ``out`` and queue its upload to
     the sweep's parent run as ``model/``. A model that cannot be saved is reported, not fatal:
     ``best/`` is logged either way. Returns whether it was queued."""
-    from sweeps import mlflow_model
+    from sweeps.records import mlflow_model
 
     try:
         # MLflow suggests type hints and models-from-code; the pyfunc declares its signature.
@@ -128,7 +128,7 @@ def load_best(tracking_uri: str, run: str) -> BestModel:
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from sweeps import mlflow_model
+    from sweeps.records import mlflow_model
 
     check_store(tracking_uri)
     # Fail in seconds when the server goes away mid-way, not after MLflow's minutes of back-off.
@@ -137,7 +137,8 @@ def load_best(tracking_uri: str, run: str) -> BestModel:
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     client = MlflowClient(tracking_uri, registry_uri=tracking_uri)
     if run.startswith("models:/"):
-        from sweeps.registry import TAG_VERSION_SWEEP, model_version
+        from sweeps.records.format import TAG_VERSION_SWEEP
+        from sweeps.records.registry import model_version
 
         version = model_version(client, tracking_uri, run)
         run_id, uri = version.run_id, run
@@ -181,15 +182,20 @@ def check_store(uri: str) -> None:
 
 
 def find_parent_run(client, tracking_uri: str, run: str):
-    """The sweep's parent run: ``run`` is its run id or its sweep name (tag ftsweep.sweep)."""
+    """The sweep's parent run, which holds its best model: ``run`` is its run id or its sweep
+    name (``format.find_parent_run``: by name, the newest). Any other run is named and refused."""
     from mlflow.exceptions import MlflowException
 
     try:
-        found = client.get_run(run)
+        found = format.find_parent_run(client, run)
+        if found is None and format.RUN_ID.fullmatch(run):
+            found = client.get_run(run)  # a trial's run, or not a sweep's at all: said below
     except MlflowException as e:
         if e.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             raise UsageError(f"MLflow at {redact(tracking_uri)}: {e.message}") from None
-        found = _parent_by_sweep_name(client, tracking_uri, run)
+        found = None
+    if found is None:
+        raise UsageError(f"no run with id {run!r} and no sweep named {run!r} in {redact(tracking_uri)}")
     info, tags = found.info, found.data.tags
     if info.lifecycle_stage == "deleted":
         raise UsageError(f"run {info.run_id} is deleted in {redact(tracking_uri)}")
@@ -215,40 +221,13 @@ def _from_best_files(client, run_id: str, sweep: str) -> BestModel:
     whose MLflow Model is missing: saving it failed, or the sweep predates it."""
     import torch
 
-    from sweeps import mlflow_model
+    from sweeps.records import mlflow_model
 
     with tempfile.TemporaryDirectory(prefix="ftsweep-best-") as tmp:
         local = Path(client.download_artifacts(run_id, BEST_DIR, tmp))
         meta = json.loads((local / "meta.json").read_text())
         state = torch.load(local / "model.pt", map_location="cpu", weights_only=True)
     return BestModel(run_id, sweep, meta, mlflow_model.build(meta, state), f"runs:/{run_id}/{BEST_DIR}")
-
-
-def _parent_by_sweep_name(client, tracking_uri: str, name: str):
-    runs = []
-    if "'" not in name:  # MLflow's filter strings cannot escape a quote; no sweep is named so
-        experiments = _experiment_names(client)
-        runs = client.search_runs(
-            list(experiments), f"tags.`{TAG_SWEEP}` = '{name}' and tags.`{TAG_ROLE}` = 'parent'",
-            max_results=20) if experiments else []
-    if not runs:
-        raise UsageError(f"no run with id {name!r} and no sweep named {name!r} in "
-                         f"{redact(tracking_uri)}")
-    if len(runs) > 1:
-        listed = ", ".join(f"{r.info.run_id} (experiment {experiments[r.info.experiment_id]})"
-                           for r in runs)
-        raise UsageError(f"sweep name {name!r} is ambiguous: runs {listed}; pass a run id")
-    return runs[0]
-
-
-def _experiment_names(client) -> dict[str, str]:
-    names, token = {}, None
-    while True:
-        page = client.search_experiments(page_token=token)
-        names.update((e.experiment_id, e.name) for e in page)
-        token = page.token
-        if not token:
-            return names
 
 
 def decode_images(paths: Sequence[str | Path], image_size: int, pool: ThreadPoolExecutor):

@@ -148,7 +148,7 @@ def replace_dir(new: Path, out: Path) -> None:
 def scratch_root() -> Path:
     """Where the driver keeps a remote sweep's files until they are published: the user's
     ftsweep cache (``FTSWEEP_CACHE``), readable by its owner only."""
-    from trainables.demo import cache_root
+    from trainables.node_cache import cache_root
 
     return cache_root() / "sweeps"
 

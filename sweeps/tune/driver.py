@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 
 import ray
 from ray import tune
@@ -11,34 +12,27 @@ from ray.tune.execution import class_cache
 from ray.tune.logger import JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search import ConcurrencyLimiter
+from ray.tune.stopper import Stopper
 
-from sweeps import restored, schedulers
-from sweeps.progress import LiveStatus
-from sweeps.ray_session import init_ray  # noqa: F401 - sweeps.driver.init_ray, as callers know it
-from sweeps.tracking import OBJECTIVE
+from sweeps.errors import UsageError
+from sweeps.records.format import METRIC, MODE, OBJECTIVE
+from sweeps.records.state import ASHA, SweepState
+from sweeps.tune import restored, schedulers
+from sweeps.tune.progress import LiveStatus
+from sweeps.tune.ray_session import init_ray  # noqa: F401 - sweeps.tune.driver.init_ray, as callers know it
 from trainables.ray_trial import trainable
 
 # Tune gives every trial actor the runtime env {"PL_DISABLE_FORK": "1"}, meant for PyTorch
 # Lightning, which trials do not use. A runtime env unlike the job's sends each trial's
 # worker through Ray's runtime-env set-up (one more Python process to start, about 0.7
 # CPU-s) instead of onto a worker Ray prestarted for the job with the trial's modules
-# already imported (sweeps.ray_session.init_ray). (Tune also passes on AWS_* and some Ray
+# already imported (sweeps.tune.ray_session.init_ray). (Tune also passes on AWS_* and some Ray
 # Train variables when the driver has them: then the trials start on new workers.)
 class_cache.DEFAULT_ENV_VARS.pop("PL_DISABLE_FORK", None)
 
-# Checkpoints are scored by their own epoch's val_acc; trials are judged (TPE, ASHA) by
-# OBJECTIVE, their best val_acc so far, the number the summary and report rank them by.
-# ASHA too: at a rung it compares trials by what they have shown they can reach, so one
-# noisy epoch at the rung does not cut a trial whose best already beats the others.
-METRIC, MODE = "val_acc", "max"
-
-# Trials ASHA stopped in this driver process. Tune ends them through the same call as the
-# trials it stops when --time-budget runs out, so the outcome is told apart by this.
-ASHA_STOPPED: set[str] = set()
-
 
 class ResumableASHA(restored.CatchUpOnRestore, ASHAScheduler):
-    """ASHA whose rungs (and searcher, sweeps/restored.py) survive ``Tuner.restore``.
+    """ASHA whose rungs (and searcher, sweeps/tune/restored.py) survive ``Tuner.restore``.
 
     Ray Tune snapshots the trials but not the scheduler, so a resumed sweep's ASHA would
     start with empty rungs and judge the remaining trials against nothing. Before the
@@ -46,10 +40,14 @@ class ResumableASHA(restored.CatchUpOnRestore, ASHAScheduler):
     rungs, in order, exactly as they were recorded the first time.
     """
 
+    def __init__(self, *args, state: SweepState | None = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.state = state or SweepState()
+
     def on_trial_result(self, tune_controller, trial, result):
         decision = super().on_trial_result(tune_controller, trial, result)
-        if decision == self.STOP:  # what tells ASHA's stops from --time-budget's (tracking.py)
-            ASHA_STOPPED.add(trial.trial_id)
+        if decision == self.STOP and result.get(self._time_attr, 0) < self._max_t:
+            self.state.stop(trial.trial_id, ASHA)
         return decision
 
     def choose_trial_to_run(self, tune_controller):
@@ -90,7 +88,7 @@ def _distribution(p):
 
 
 def search_algorithm(space, max_concurrent: int | None, warm_start=None):
-    """Seeded TPE; ``warm_start`` (sweeps/warm_start.py) gives it an earlier sweep's trials
+    """Seeded TPE; ``warm_start`` (sweeps/records/warm_start.py) gives it an earlier sweep's trials
     as completed ones, in its study before the first new trial is sampled."""
     if not space.search:
         return None  # a fixed recipe: nothing to search
@@ -109,7 +107,7 @@ def search_algorithm(space, max_concurrent: int | None, warm_start=None):
     return limiter(search, max_concurrent) if max_concurrent else search
 
 
-def lanes(resources: dict, trials: int) -> int:
+def concurrent_trials(resources: dict, trials: int) -> int:
     """Trials that fit at once on the cluster's live nodes for one trial's request
     (``{"cpu": C, "gpu": G}``), at most ``trials``; 0 when no node fits one.
 
@@ -130,23 +128,44 @@ def lanes(resources: dict, trials: int) -> int:
     return min(fit, trials)
 
 
-def make_scheduler(space, max_t: int):
+class TimeBudget(Stopper):
+    """--time-budget: stops the sweep once its seconds have passed in this driver process,
+    and records that the clock did (Tune ends the trials it cuts without telling the
+    callbacks, so the MLflow callback learns their cause here)."""
+
+    def __init__(self, seconds: float, state: SweepState):
+        self.seconds, self.state = seconds, state
+        self._deadline: float | None = None
+
+    def __setstate__(self, saved):  # a restored sweep's clock starts again with its driver
+        self.__dict__.update(saved, _deadline=None)
+
+    def __call__(self, trial_id, result) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        if self._deadline is None:
+            self._deadline = time.monotonic() + self.seconds
+        if time.monotonic() >= self._deadline:
+            self.state.clock_ran_out = True
+        return self.state.clock_ran_out
+
+
+def make_scheduler(space, max_t: int, state: SweepState | None = None):
     """The space's ``scheduler``: ASHA (stops trials at rungs), or one that pauses them there
-    and resumes them from their checkpoints (sweeps/schedulers.py)."""
+    and resumes them from their checkpoints (sweeps/tune/schedulers.py)."""
     settings = space.scheduler
     if settings["type"] in schedulers.PAUSING:
-        return schedulers.make_scheduler(settings, time_attr="training_iteration", metric=OBJECTIVE,
-                                         mode=MODE, max_t=max_t)
+        return schedulers.pausing_scheduler(settings, time_attr="training_iteration", metric=OBJECTIVE,
+                                            mode=MODE, max_t=max_t, state=state)
     return ResumableASHA(time_attr="training_iteration", max_t=max_t,
                          grace_period=min(settings["grace_period"], max_t),
-                         reduction_factor=settings["reduction_factor"])
+                         reduction_factor=settings["reduction_factor"], state=state)
 
 
 def check_resumable(space, trainable_fn) -> None:
     """A pausing scheduler resumes trials from their checkpoints: refuse a trainable that
     never reads one, before anything starts."""
-    from sweeps.plan import UsageError
-
     if space.scheduler["type"] in schedulers.PAUSING and not schedulers.resumes_from_checkpoint(trainable_fn):
         name = getattr(trainable_fn, "__qualname__", type(trainable_fn).__name__)
         raise UsageError(f"{space.path}: scheduler {space.scheduler['type']} pauses trials and resumes them "
@@ -154,18 +173,22 @@ def check_resumable(space, trainable_fn) -> None:
                          "(ray.tune.get_checkpoint()); use scheduler type asha")
 
 
-def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
+def build_tuner(plan, callbacks: list, trainable_fn=None, state: SweepState | None = None) -> tune.Tuner:
+    """The sweep's Tuner (or, with --resume, the restored one); ``state`` records its
+    scheduler's and clock's decisions (sweeps/records/state.py)."""
     space = plan.space
     max_t = plan.total_epochs
+    state = state or SweepState(plan.name)
     check_resumable(space, trainable_fn or trainable)
-    scheduler = make_scheduler(space, max_t)
+    scheduler = make_scheduler(space, max_t, state)
     run_config = tune.RunConfig(
         name=plan.name, storage_path=plan.storage, callbacks=[*callbacks, JsonLoggerCallback()],
+        stop=TimeBudget(plan.time_budget, state) if plan.time_budget else None,
         # Keeps the best checkpoint of each trial plus (always) its latest, to resume from.
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=plan.max_failures),
-        progress_reporter=LiveStatus(max_t, plan.trials),
+        progress_reporter=LiveStatus(max_t, plan.trials, state=state),
         verbose=1)
     trainable_ = tune.with_resources(tune.with_parameters(trainable_fn or trainable, data=plan.data),
                                      plan.resources)
@@ -173,14 +196,14 @@ def build_tuner(plan, callbacks: list, trainable_fn=None) -> tune.Tuner:
         return tune.Tuner.restore(plan.sweep_dir, trainable=trainable_, resume_errored=True,
                                   param_space=param_space(space))
     # Without --max-concurrent, every lane the cluster has for this request, started together.
-    concurrent = plan.max_concurrent or lanes(plan.resources, plan.trials) or None
+    concurrent = plan.max_concurrent or concurrent_trials(plan.resources, plan.trials) or None
     tune_config = tune.TuneConfig(
         metric=OBJECTIVE, mode=MODE, num_samples=plan.trials, scheduler=scheduler,
         search_alg=search_algorithm(space, concurrent, plan.warm_start),
         # Tune's own limit counts paused trials as holding a lane: none for a pausing scheduler
         max_concurrent_trials=None if space.search or space.scheduler["type"] in schedulers.PAUSING
         else concurrent,
-        reuse_actors=True, time_budget_s=plan.time_budget,
+        reuse_actors=True,
         trial_name_creator=_trial_name, trial_dirname_creator=_trial_name)
     return tune.Tuner(trainable_, param_space=param_space(space), tune_config=tune_config,
                       run_config=run_config)

@@ -1,6 +1,6 @@
 """Submit a sweep to a Ray cluster as a Ray Job.
 
-    python sweeps/submit.py --address http://HEAD:8265 -- --space lr_decay --data /shared/flowers \\
+    python sweeps/tools/submit.py --address http://HEAD:8265 -- --space lr_decay --data /shared/flowers \\
         --storage /shared/sweeps --tracking-uri http://mlflow:5000
 
 Everything after ``--`` is the command line of ``sweeps/run.py``, checked here before
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if __package__ in (None, ""):  # run as a script: make the project importable
     sys.path.insert(0, str(ROOT))
 
@@ -40,12 +40,12 @@ class SubmitError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sweeps/submit.py", usage="%(prog)s --address URL [options] -- RUN_ARGS...",
+        prog="sweeps/tools/submit.py", usage="%(prog)s --address URL [options] -- RUN_ARGS...",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Run `python sweeps/run.py RUN_ARGS` on a Ray cluster as a Ray Job, shipping "
                     "this project\nas its working directory, and follow its log.",
         epilog=f"""example:
-  python sweeps/submit.py --address http://HEAD:8265 --env FTSWEEP_CACHE=/local/ftsweep -- \\
+  python sweeps/tools/submit.py --address http://HEAD:8265 --env FTSWEEP_CACHE=/local/ftsweep -- \\
       --space lr_decay --data /shared/data/flowers --storage /shared/sweeps \\
       --tracking-uri http://mlflow:5000
 
@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         if run_args is None:
             build_parser().parse_known_args(own)  # --help still works
             raise SubmitError("put the sweeps/run.py arguments after --, e.g. "
-                              "sweeps/submit.py --address http://HEAD:8265 -- --space lr_decay ...")
+                              "sweeps/tools/submit.py --address http://HEAD:8265 -- --space lr_decay ...")
         opts = build_parser().parse_args(own)
         if not opts.address:
             raise SubmitError("--address is required (the dashboard, e.g. http://HEAD:8265)")

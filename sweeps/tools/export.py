@@ -1,5 +1,5 @@
 """Export a sweep's best model for serving:
-``python sweeps/export.py --run RUN_ID_OR_SWEEP_OR_MODEL_URI --format torchscript|onnx --out FILE``.
+``python sweeps/tools/export.py --run RUN_ID_OR_SWEEP_OR_MODEL_URI --format torchscript|onnx --out FILE``.
 
 The model is loaded through MLflow: the sweep's MLflow Model (``runs:/<parent run>/model``)
 or a registered version (``models:/NAME@champion``, ``models:/NAME/VERSION``).
@@ -20,10 +20,10 @@ import warnings
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the project importable
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from sweeps.best_model import add_run_arguments  # noqa: E402
-from sweeps.plan import UsageError  # noqa: E402
+from sweeps.errors import UsageError  # noqa: E402
+from sweeps.records.best_model import add_run_arguments  # noqa: E402
 
 FORMATS = ("torchscript", "onnx")
 META_KEY = "ftsweep.meta"
@@ -33,9 +33,9 @@ embedded mean and std (on a 0-1 pixel scale); the embedded "preprocessing" says 
 Its output is one logit per class, in the order of the embedded classes.
 
 examples:
-  python sweeps/export.py --run smoke-20260101-120000 --out best.pt
-  python sweeps/export.py --tracking-uri http://mlflow:5000 --run 3f2c... --format onnx --out best.onnx
-  python sweeps/export.py --run models:/digits@champion --out champion.onnx
+  python sweeps/tools/export.py --run smoke-20260101-120000 --out best.pt
+  python sweeps/tools/export.py --tracking-uri http://mlflow:5000 --run 3f2c... --format onnx --out best.onnx
+  python sweeps/tools/export.py --run models:/digits@champion --out champion.onnx
 
 ONNX export needs the onnx package: pip install -e ".[onnx]"
 """
@@ -43,7 +43,7 @@ ONNX export needs the onnx package: pip install -e ".[onnx]"
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="sweeps/export.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        prog="sweeps/tools/export.py", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Export the best model of a sweep (the MLflow Model of its parent run, or a "
                     "registered version of it) as TorchScript or ONNX, with its classes and "
                     "preprocessing embedded.")
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             raise UsageError(f"--out {args.out} is a folder; name a file")
         if fmt == "onnx":
             check_onnx()
-        from sweeps.best_model import load_best
+        from sweeps.records.best_model import load_best
 
         best = load_best(args.tracking_uri, args.run)
     except UsageError as e:

@@ -1,7 +1,7 @@
 """MLflow on the driver side: one parent run per sweep, one nested child run per trial.
 
 Only the driver writes (no sqlite lock storms from many trial processes). Every write
-goes through one writer (``sweeps/writer.py``), in a child process of the driver while
+goes through one writer (``sweeps/records/writer.py``), in a child process of the driver while
 trials run: it is retried, queued while the tracking server is away, and whatever could
 still not be sent at the end is kept on disk and reported.
 """
@@ -19,29 +19,29 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NOTE
 from ray.tune import Callback
 
-from sweeps import schedulers
-from sweeps.inputs import TAG_INPUTS, dataset_input
-from sweeps.uris import check_tracking_uri, redact  # noqa: F401 - also sweeps.tracking's
-from sweeps.writer import Writer, WriterProcess
+from sweeps.plan.inputs import dataset_input
+from sweeps.plan.uris import check_tracking_uri, redact  # noqa: F401 - also sweeps.records.tracking's
+from sweeps.records.format import (  # noqa: F401 - OBJECTIVE, MODE, OUTCOMES: also tracking's
+    BEST_DIR,
+    EPOCH_METRICS,
+    MODE,
+    OBJECTIVE,
+    OPEN,
+    OUTCOMES,
+    TAG_INPUTS,
+    TAG_OUTCOME,
+    TAG_PAUSED_AT,
+    TAG_ROLE,
+    TAG_STOP_REASON,
+    TAG_SWEEP,
+    TAG_TRIAL,
+    TAG_TRIAL_NUMBER,
+    find_parent_run,
+    parent_filter,
+)
+from sweeps.records.state import TIME_BUDGET, SweepState
+from sweeps.records.writer import Writer, WriterProcess
 
-# best_val_acc (running max) ranks trials correctly in the MLflow UI, where a column shows
-# the last value and a trial may have peaked epochs before it ended. sparsity and
-# nonzero_params say how big the model of that epoch is (trainables/prune.py).
-EPOCH_METRICS = ("val_acc", "val_loss", "train_loss", "lr", "img_per_s", "epoch_s", "best_val_acc",
-                 "sparsity", "nonzero_params")
-TAG_SWEEP, TAG_ROLE, TAG_TRIAL = "ftsweep.sweep", "ftsweep.role", "ftsweep.trial_id"
-TAG_OUTCOME, TAG_STOP_REASON = "outcome", "stop_reason"
-# The epochs (rungs) at which a pausing scheduler paused the trial, comma-separated.
-TAG_PAUSED_AT = "ftsweep.paused_at"
-# The one number that ranks trials everywhere: TPE's objective, ASHA's rungs, the summary,
-# the report and --warm-start all use a trial's best val_acc (the running max it reports).
-OBJECTIVE, MODE = "best_val_acc", "max"
-# A finished trial's outcome: it ran its own budget, ASHA or patience stopped it, the
-# sweep's --time-budget ran out while it trained, or it raised or diverged; or, with a
-# pausing scheduler (sweeps/schedulers.py), the sweep ended while it waited at a rung.
-OUTCOMES = ("completed", "stopped_early", "time_budget", "errored", "paused")
-# Outcome tags of a trial whose run is still open: it trains, or waits at a rung to be resumed.
-OPEN = ("running", "paused")
 SHORT = {"lr": "lr", "decay_power": "γ", "frozen_depth": "frozen", "weight_decay": "wd",
          "optimizer": "opt", "batch_size": "bs"}
 
@@ -65,15 +65,6 @@ def client(uri: str) -> MlflowClient:
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
     return c
-
-
-def find_parent_run(client, experiment_id: str | None, name: str):
-    """The parent run of sweep ``name`` in the experiment, or with None in any (the newest,
-    should there be several from before names were unique), or None."""
-    ids = [experiment_id] if experiment_id else [e.experiment_id for e in client.search_experiments()]
-    runs = client.search_runs(ids, f"tags.`{TAG_SWEEP}` = '{name}' and tags.`{TAG_ROLE}` = 'parent'",
-                              max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
 
 
 def git_commit() -> str:
@@ -120,13 +111,13 @@ class SweepTracker:
     def _start_parent(self) -> None:
         plan = self.plan
         sweep = f"tags.`{TAG_SWEEP}` = '{plan.name}'"
-        parent = find_parent_run(self.client, self.experiment_id, plan.name) if plan.resume else None
+        parent = find_parent_run(self.client, plan.name, self.experiment_id) if plan.resume else None
         if parent:  # --resume continues the same parent and its children
             self.parent_id = self.write.run_ids["parent"] = parent.info.run_id
             for run in self._runs(f"{sweep} and tags.`{TAG_ROLE}` = 'trial'"):
                 trial_id = run.data.tags[TAG_TRIAL]
                 self.write.run_ids[trial_id] = run.info.run_id
-                self.trial_numbers[trial_id] = int(run.data.tags.get("ftsweep.trial_number", 0))
+                self.trial_numbers[trial_id] = int(run.data.tags.get(TAG_TRIAL_NUMBER, 0))
                 history = self.client.get_metric_history(run.info.run_id, "val_acc")
                 self.last_step[trial_id] = max((m.step for m in history), default=0)
                 if run.data.tags.get(TAG_OUTCOME) == "paused":
@@ -138,7 +129,7 @@ class SweepTracker:
             self.write("reopen", "parent")  # sends the spooled writes first
             return
         space, cfg = plan.space, plan.space.config()
-        # warm_start: the parent run whose trials TPE started from (sweeps/warm_start.py)
+        # warm_start: the parent run whose trials TPE started from (sweeps/records/warm_start.py)
         warm = {"warm_start": plan.warm_start.parent_run_id} if plan.warm_start else {}
         tags = {TAG_SWEEP: plan.name, TAG_ROLE: "parent", "space": space.name, "model": cfg.model,
                 "dataset": plan.dataset_label, "dataset_fingerprint": plan.data.dataset.fingerprint,
@@ -172,7 +163,7 @@ class SweepTracker:
             tags = kw.get("tags") or {}
             if op == "create":
                 self.started.add(key)
-                self.trial_numbers.setdefault(key, int(tags.get("ftsweep.trial_number", 0)))
+                self.trial_numbers.setdefault(key, int(tags.get(TAG_TRIAL_NUMBER, 0)))
             steps = [int(m["step"]) for m in kw.get("metrics") or ()]
             if steps:
                 self.last_step[key] = max(self.last_step.get(key, 0), *steps)
@@ -202,7 +193,7 @@ class SweepTracker:
         name = f"{prefix}trial-{number:03d} " + " ".join(
             f"{SHORT.get(k, k)}={fmt(config[k])}" for k in self.plan.space.search if k in config)
         tags = {MLFLOW_PARENT_RUN_ID: self.parent_id, TAG_SWEEP: self.plan.name, TAG_ROLE: "trial",
-                TAG_TRIAL: trial_id, "ftsweep.trial_number": str(number), "outcome": "running"}
+                TAG_TRIAL: trial_id, TAG_TRIAL_NUMBER: str(number), TAG_OUTCOME: "running"}
         self.write("create", trial_id, experiment_id=self.experiment_id, run_name=name.strip(), tags=tags,
                    start_time=now_ms())
         self.write("batch", trial_id, metrics=[], params={k: str(v) for k, v in config.items()})
@@ -239,7 +230,7 @@ class SweepTracker:
         self.write("batch", trial_id, metrics=[], tags=tags)
         self.write("end", trial_id, status="FAILED" if outcome == "errored" else "FINISHED", end_time=now_ms())
 
-    def reconcile(self, results, max_epochs: int) -> None:
+    def reconcile(self, results, state: SweepState) -> None:
         """After a resume, make MLflow agree with Ray Tune's own record of the sweep.
 
         A trial that finished just before the driver was killed is not reported again, so
@@ -251,11 +242,9 @@ class SweepTracker:
             trial_id = trial_id_of(r)
             known.add(trial_id)
             if trial_id and trial_id in self.started and trial_id not in self.ended:
-                outcome = outcome_of(r.metrics or {}, r.error is not None, trial_budget(r.config))
-                if trial_id in self.paused and r.error is None:
-                    outcome = "paused"  # the sweep ended (--time-budget) while it waited at a rung
-                reason = str(r.error)[-2000:] if r.error else stop_reason(r.metrics or {}, outcome)
-                self.end_trial(trial_id, outcome, reason)
+                outcome, reason = state.outcome(trial_id, r.metrics or {}, trial_budget(r.config),
+                                                errored=r.error is not None, paused=trial_id in self.paused)
+                self.end_trial(trial_id, outcome, str(r.error)[-2000:] if r.error else reason)
         for trial_id in set(self.trial_numbers) - known:
             if trial_id not in self.ended:
                 self.write("batch", trial_id, metrics=[], tags={
@@ -273,7 +262,7 @@ class SweepTracker:
         FAILED (no trial produced a result), or KILLED when a signal (``interrupted``, how
         to go on) stopped the sweep, with that said in its ``stop_reason`` tag."""
         if best_dir is not None:
-            self.write("artifacts", "parent", local_dir=str(best_dir), artifact_path="best")
+            self.write("artifacts", "parent", local_dir=str(best_dir), artifact_path=BEST_DIR)
         now = now_ms()
         self.write("batch", "parent", metrics=[dict(key=k, value=float(v), timestamp=now, step=0)
                                                for k, v in metrics.items()])
@@ -295,18 +284,17 @@ def trial_id_of(result) -> str:
     return (result.metrics or {}).get("trial_id") or Path(result.path).name.removeprefix("trial_")
 
 
-def outcome_of(last_result: dict, errored: bool, budget: int, cut_by_time: bool = False) -> str:
-    """One of OUTCOMES. ``budget`` is the trial's own epochs (``trial_budget``): a trial
-    that ran them all completed, whatever the longest trial of the sweep may run. One that
-    ended before them was stopped early (by ASHA or patience), or, ``cut_by_time``, cut by
-    the sweep's --time-budget."""
+def outcome_of(last_result: dict, errored: bool, budget: int) -> str:
+    """A finished trial's outcome judged from its last result alone, where the sweep kept no
+    record of it: ``budget`` is the trial's own epochs (``trial_budget``); one that ended
+    before them stopped early. The sweep's own records (``SweepState.outcome``) come first."""
     if errored or last_result.get("diverged"):
         return "errored"
     if last_result.get("early_stopped"):
         return "stopped_early"
     if int(last_result.get("epoch", 0)) >= budget:
         return "completed"
-    return "time_budget" if cut_by_time else "stopped_early"
+    return "stopped_early"
 
 
 def trial_budget(config: dict | None) -> int:
@@ -318,38 +306,28 @@ def trial_budget(config: dict | None) -> int:
     return TrialConfig.from_dict({k: v for k, v in (config or {}).items() if k in known}).total_epochs
 
 
-def stop_reason(last_result: dict, outcome: str) -> str:
-    """Why a trial that did not complete ended, for the ``stop_reason`` tag."""
-    if outcome == "completed":
-        return ""
-    if outcome == "time_budget":
-        return "time_budget"
-    if outcome == "paused":
-        return "the sweep ended while the trial waited at a rung"
-    return last_result.get("stop_reason") or ("patience" if last_result.get("early_stopped") else "asha")
-
-
 def fmt(value) -> str:
     return f"{value:.3g}" if isinstance(value, float) else str(value)
 
 
 class MlflowTrials(Callback):
-    """Ray Tune callback: mirrors every trial into its child run as it happens.
+    """Ray Tune callback: mirrors every trial into its child run as it happens, ending it
+    with the outcome and stop reason the sweep's state gives (sweeps/records/state.py)."""
 
-    ``Tuner.restore`` unpickles the callbacks of the first run instead of taking new
-    ones, so the callback keeps no tracker of its own: it writes through ``active``,
-    the tracker of the sweep this driver process is running now.
-    """
-
-    active: SweepTracker | None = None
-
-    def __init__(self, max_epochs: int):
+    def __init__(self, max_epochs: int, state: SweepState):
         self.max_epochs = max_epochs
+        self.state = state
 
     @property
     def tracker(self) -> SweepTracker:
-        assert MlflowTrials.active is not None, "set MlflowTrials.active before fitting"
-        return MlflowTrials.active
+        return self.state.tracker
+
+    # Tune keeps this in its experiment snapshot: a restored sweep remembers why trials stopped
+    def get_state(self) -> dict:
+        return self.state.as_record()
+
+    def set_state(self, state: dict) -> None:
+        self.state.restore(state)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self.tracker.start_trial(trial.trial_id, trial.config)
@@ -357,25 +335,32 @@ class MlflowTrials(Callback):
 
     def on_trial_result(self, iteration, trials, trial, result, **info):
         self.tracker.log_epoch(trial.trial_id, result)
-        rungs = schedulers.PAUSES.get(trial.trial_id)
+        rungs = self.state.pauses.get(trial.trial_id)
         # the scheduler decides before the callbacks hear of the result: paused at this one
-        if trial.trial_id in schedulers.PAUSED and rungs and rungs[-1] == result.get("training_iteration"):
+        if trial.trial_id in self.state.paused and rungs and rungs[-1] == result.get("training_iteration"):
             self.tracker.pause_trial(trial.trial_id, rungs)
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        from sweeps.driver import ASHA_STOPPED
-
-        last = trial.last_result or {}
-        # Tune stops every running trial when --time-budget runs out, through the same
-        # call as ASHA's stops; ASHA's are the ones its scheduler decided (ASHA_STOPPED).
-        by_time = self.tracker.plan.time_budget is not None and trial.trial_id not in ASHA_STOPPED
-        outcome = outcome_of(last, False, trial_budget(trial.config), cut_by_time=by_time)
-        if trial.status == "PAUSED" and trial.trial_id not in ASHA_STOPPED:
-            outcome = "paused"  # the sweep ended (--time-budget) while it waited at a rung
-        self.tracker.end_trial(trial.trial_id, outcome, stop_reason(last, outcome))
+        self.end(trial)
 
     def on_trial_error(self, iteration, trials, trial, **info):
         self.tracker.end_trial(trial.trial_id, "errored", error_text(trial))
+
+    def on_experiment_end(self, trials, **info):
+        """Tune ends the trials --time-budget cuts without telling the callbacks: end them
+        here, cut by the clock (or waiting at a rung when it ran out)."""
+        if not self.state.clock_ran_out:
+            return
+        for trial in trials:
+            if trial.status != "ERROR" and trial.trial_id not in self.tracker.ended:
+                if trial.status != "PAUSED":
+                    self.state.stop(trial.trial_id, TIME_BUDGET)
+                self.end(trial)
+
+    def end(self, trial) -> None:
+        outcome, reason = self.state.outcome(trial.trial_id, trial.last_result or {}, trial_budget(trial.config),
+                                             paused=trial.status == "PAUSED")
+        self.tracker.end_trial(trial.trial_id, outcome, reason)
 
 
 def error_text(trial) -> str:

@@ -1,0 +1,1 @@
+"""Commands over a finished sweep (predict, export) and over a cluster (submit)."""
