@@ -38,7 +38,7 @@ TOP_KEYS = {"description", "trials", "seed", "search", "fixed", "asha", "schedul
 ASHA_KEYS = {"grace_period": int, "reduction_factor": float}
 # type -> its options and their defaults: ASHA stops trials at rungs; promotion pauses them
 # there and resumes the promoted ones; top_k trains every trial to one rung, then the best k
-# to the end (sweeps/schedulers.py).
+# to the end (sweeps/tune/schedulers.py).
 SCHEDULERS = {
     "asha": {"grace_period": 1, "reduction_factor": 3.0},
     "promotion": {"grace_period": 1, "reduction_factor": 3.0},
@@ -101,12 +101,11 @@ class Space:
         return self.config({k: p.sample(rng) for k, p in self.search.items()})
 
     def override(self, **fixed) -> Space:
-        """Fix more keys (``--set``, ``--max-epochs``); a searched key stays searched."""
-        clash = sorted(set(fixed) & set(self.search))
-        if clash:
-            raise SpaceError(f"{self.path}: {', '.join(clash)} is searched by this space; "
-                             "--set only overrides fixed values")
-        return replace(self, fixed={**self.fixed, **_check_values(self.path, "override", fixed)})
+        """Fix more keys (``--set``, ``--max-epochs``): a searched key given a value leaves
+        the search and is fixed at it."""
+        checked = _check_values(self.path, "override", fixed)
+        return replace(self, fixed={**self.fixed, **checked},
+                       search={k: p for k, p in self.search.items() if k not in checked})
 
     @property
     def max_epochs(self) -> int:

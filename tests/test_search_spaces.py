@@ -75,11 +75,10 @@ def test_yaml_scientific_notation_and_user_path(tmp_path):
     assert space.name == "space"
 
 
-def test_override_fixes_values_but_not_searched_ones():
+def test_override_fixes_values():
     space = load_space("smoke").override(batch_size="16", max_epochs=2)
     assert space.config().batch_size == 16 and space.max_epochs == 2
-    with pytest.raises(SpaceError, match="searched"):
-        space.override(lr=0.1)
+    assert "lr" not in space.override(lr=0.1).search  # pinned: see the test below
     with pytest.raises(SpaceError, match="unknown trial config key"):
         space.override(epochs=3)
 
@@ -92,3 +91,14 @@ def test_a_fractional_distribution_on_an_integer_key_is_refused_at_load(tmp_path
     """)
     with pytest.raises(SpaceError, match=f"{path}: search.batch_size: {kind} draws fractional values.*integer key"):
         load_space(path)
+
+
+def test_set_on_a_searched_key_takes_it_out_of_the_search_at_that_value():
+    space = load_space("lr_decay")
+    assert "frozen_depth" in space.search
+    pinned = space.override(frozen_depth="0")
+    assert "frozen_depth" not in pinned.search and pinned.fixed["frozen_depth"] == 0
+    assert set(pinned.search) == set(space.search) - {"frozen_depth"}
+    assert pinned.sample(random.Random(0)).frozen_depth == 0
+    with pytest.raises(SpaceError, match="unknown trial config key 'frozen_dept'"):
+        space.override(frozen_dept="0")
