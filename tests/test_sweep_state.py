@@ -72,3 +72,32 @@ def test_two_sweeps_in_one_process_keep_their_own_records(tmp_path, image_folder
     assert sorted(outcomes_in_mlflow(tmp_path, info_b).values()) == [("completed", ""), ("completed", "")]
     assert second.stops == {} and not second.clock_ran_out and not set(second.pauses) & set(tagged_a)
     assert info_a["parent_run_id"] != info_b["parent_run_id"]
+
+
+CLOCK = """\
+seed: 0
+search:
+  lr: {type: loguniform, low: 1.0e-3, high: 1.0e-1}
+fixed: {batch_size: 3, frozen_depth: 0, max_epochs: 300}
+asha: {grace_period: 300, reduction_factor: 2}
+"""
+
+
+def test_a_time_budget_cut_is_recorded_as_the_clocks_everywhere(tmp_path, image_folder, cache_dir, capsys):
+    """ASHA cannot stop anything before epoch 300: only the clock ends these trials. Ray Tune
+    ends them without on_trial_complete; the records still name the clock."""
+    import ray
+
+    from sweeps.run import execute
+
+    state = SweepState("clock")
+    plan = plan_of(tmp_path, image_folder, "clock", CLOCK, 2, "--time-budget", "20", "--max-concurrent", "2")
+    try:
+        info = execute(plan, state=state)
+    finally:
+        ray.shutdown()
+    started = outcomes_in_mlflow(tmp_path, info)
+    assert state.clock_ran_out and started
+    assert set(started.values()) == {("time_budget", "time_budget")}
+    assert info["trials"]["time_budget"] == len(started) and info["trials"]["stopped_early"] == 0
+    assert f"{len(started)} cut by the time budget" in capsys.readouterr().out
