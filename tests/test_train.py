@@ -145,3 +145,23 @@ def test_a_ray_trial_takes_as_many_threads_as_cpus_ray_assigned_it(handle, monke
     finally:
         torch.set_num_threads(before)
     assert [r["threads"] for r in reports] == [2]
+
+
+def test_a_last_training_batch_of_one_joins_the_batch_before_it(image_folder, tmp_path):
+    """At 32 px resnet18's layer4 maps are 1x1: BatchNorm cannot train on a batch of one.
+    The last image of the epoch trains with the batch before it; validation sees every image."""
+    data = DataHandle(scan(image_folder, val_fraction=0.5), 32, str(tmp_path / "cache"))
+    n_train = len(data.dataset.train)
+    cfg = tiny(image_size=32, batch_size=n_train - 1, max_epochs=1, frozen_depth=0)  # batches n-1, then 1
+    seen = []
+    run_trial(cfg, data, collect(seen), threads=1)  # before: "Expected more than 1 value per channel"
+    assert len(seen) == 1 and math.isfinite(seen[0]["train_loss"])
+
+    from trainables.pipeline import Batches
+
+    x, y = data.arrays("train")
+    folded = Batches(x, y, n_train - 1, mean=data.mean, std=data.std, shuffle=True, fold_single=True)
+    assert len(folded) == 1 and [len(b) for b, _ in folded] == [n_train]
+    val_x, val_y = data.arrays("val")
+    val = Batches(val_x, val_y, len(val_y) - 1, mean=data.mean, std=data.std, shuffle=False)
+    assert sum(len(b) for b, _ in val) == len(val_y)  # validation never folds nor drops

@@ -143,15 +143,19 @@ class Batches:
 
     ``crop`` is the model's input size; by default the one the images were decoded for
     (``crop_size``). Iterating yields ``(x, y)`` on ``device``; ``host_batches()`` yields
-    the host's share alone (what the benchmark times).
+    the host's share alone (what the benchmark times). With ``fold_single``, a last batch
+    of one image joins the batch before it: BatchNorm cannot train on a single value per
+    channel (a 1x1 feature map). Every image is still seen once an epoch.
     """
 
     def __init__(self, images: np.ndarray, labels: np.ndarray, batch_size: int, *,
                  mean, std, shuffle: bool, augment_strength: float = 0.0, hflip: bool = True,
                  generator: torch.Generator | None = None, crop: int | None = None,
                  device: torch.device | str = "cpu", pin_memory: bool = False,
-                 dtype: torch.dtype | None = None, channels_last: bool = False, prefetch: int = 2):
+                 dtype: torch.dtype | None = None, channels_last: bool = False, prefetch: int = 2,
+                 fold_single: bool = False):
         self.images, self.labels = images, torch.as_tensor(np.asarray(labels))
+        self.fold_single = fold_single
         self.batch_size, self.shuffle, self.generator = batch_size, shuffle, generator
         self.strength, self.hflip = augment_strength, hflip
         self.device, self.pin_memory, self.prefetch = torch.device(device), pin_memory, prefetch
@@ -161,7 +165,14 @@ class Batches:
             self.stage = DeviceStage(size, mean, std, self.device, dtype, channels_last)
 
     def __len__(self) -> int:
-        return math.ceil(len(self.labels) / self.batch_size)
+        return len(self._bounds())
+
+    def _bounds(self) -> list[tuple[int, int]]:
+        n, size = len(self.labels), self.batch_size
+        bounds = [(start, min(start + size, n)) for start in range(0, n, size)]
+        if self.fold_single and len(bounds) > 1 and bounds[-1][1] - bounds[-1][0] == 1:
+            bounds[-2:] = [(bounds[-2][0], n)]
+        return bounds
 
     @property
     def augments(self) -> bool:
@@ -177,8 +188,8 @@ class Batches:
         return self._gather(order.numpy(), crops)
 
     def _gather(self, order: np.ndarray, crops: np.ndarray | None) -> Iterator[HostBatch]:
-        for start in range(0, len(order), self.batch_size):
-            idx = np.sort(order[start:start + self.batch_size])  # sorted: sequential mmap reads
+        for start, end in self._bounds():
+            idx = np.sort(order[start:end])  # sorted: sequential mmap reads
             if self.pin_memory:  # straight into page-locked memory: one copy, then async DMA
                 x = torch.empty((len(idx), *self.images.shape[1:]), dtype=_torch_dtype(self.images),
                                 pin_memory=True)

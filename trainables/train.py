@@ -194,7 +194,7 @@ def make_batches(cfg: TrialConfig, data: DataHandle, model, staged, device, gen,
             train_x, val_x, mean, std, start = cached["train"], cached["val"], None, None, cfg.frozen_depth
     on_device = dict(crop=cfg.image_size, device=device, pin_memory=options.pin_memory,
                      dtype=options.amp_dtype, channels_last=options.channels_last)
-    train = Batches(train_x, train_y, cfg.batch_size, mean=mean, std=std, shuffle=True,
+    train = Batches(train_x, train_y, cfg.batch_size, mean=mean, std=std, shuffle=True, fold_single=True,
                     augment_strength=cfg.augment_strength, hflip=cfg.hflip, generator=gen, **on_device)
     val = Batches(val_x, val_y, cfg.batch_size * 2, mean=mean, std=std, shuffle=False, **on_device)
     return train, val, start
