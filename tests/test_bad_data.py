@@ -42,6 +42,20 @@ def test_skip_bad_images_leaves_them_out(broken, tmp_path):
     assert len(x) == len(y) == len(handle.dataset.train)
 
 
+def test_structural_and_file_problems_are_reported_in_one_pass(broken):
+    """An empty class folder, a truncated JPEG, an empty PNG and a text file: one report
+    names them all, before any decoding, so the user fixes everything at once."""
+    (broken / "bird").mkdir()
+    with pytest.raises(DataError) as err:
+        scan(broken, val_fraction=0.3)
+    msg = str(err.value)
+    assert "4 problem(s)" in msg
+    for problem in ("bird: empty class folder", "dog/notes.txt: not an image", "cat/truncated.jpg: unreadable image",
+                    "dog/empty.png: unreadable image"):
+        assert problem in msg, msg
+    assert ".DS_Store" not in msg
+
+
 def test_empty_class_and_missing_val_class_are_reported_together(tmp_path):
     write_image_folder(tmp_path / "train", classes=("a", "b", "c"), per_class=2)
     write_image_folder(tmp_path / "val", classes=("a", "b"), per_class=2)

@@ -106,7 +106,9 @@ def scan(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
 
     ``root/train`` and ``root/val`` are used as given when both exist; otherwise
     ``root`` is one ImageFolder split by a seeded stratified split. Every structural
-    problem is reported at once; unreadable images are found when decoding.
+    problem is reported at once, and with them every non-image and unreadable file, so one
+    report names all there is to fix; without structural problems, unreadable images are
+    found when decoding (``DataHandle.prepare``), which reads each file once anyway.
     """
     root = Path(root)
     if not root.is_dir():
@@ -126,11 +128,27 @@ def scan(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
     if len(classes) < 2:
         problems.append(f"{root}: need at least two class folders, found {len(classes)}")
     if problems:
+        problems += [f"{p}: not an image" for p in others]
+        problems += unreadable([*train_paths, *val_paths])
         raise DataError(_listing(root, problems))
     train, val = Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
     if not val_paths:
         train, val = _stratified_split(root, train_paths, train_labels, val_fraction, seed)
     return Dataset(str(root), tuple(classes), train, val, fingerprint(train, val), tuple(others))
+
+
+def unreadable(paths: list[str]) -> list[str]:
+    """``path: reason`` for every image file PIL cannot read whole (truncated, not an image)."""
+    def problem(path: str) -> str | None:
+        try:
+            with Image.open(path) as im:
+                im.load()
+        except Exception as e:  # PIL raises many types for broken files; each is a bad image
+            return f"{path}: unreadable image ({type(e).__name__}: {e})"
+        return None
+
+    with ThreadPoolExecutor(min(8, os.cpu_count() or 1)) as pool:  # PIL releases the GIL
+        return [p for p in pool.map(problem, paths) if p]
 
 
 def _listing(root, problems) -> str:

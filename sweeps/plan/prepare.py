@@ -76,9 +76,10 @@ class Plan:
 
 
 def prepare(args, log=print, checked: Callable[[], None] | None = None) -> Plan:
-    """The checked plan, or a ``UsageError``. ``checked`` is called once the inputs that
-    need no data, model weights or MLflow store have passed (the space, the flags, the
-    model's name, the resources, the tracking server), before the slower checks."""
+    """The checked plan, or a ``UsageError``. ``checked`` is called once the quick checks
+    have passed (the space, the flags, the model's name, the resources, the tracking server,
+    the listing of the user's data folder), before the slower ones (decoding every image,
+    the model's weights, the MLflow store)."""
     try:
         return _prepare(args, log, checked or (lambda: None))
     except (SpaceError, ValueError) as e:  # DataError and ModelError are ValueErrors
@@ -108,17 +109,22 @@ def _prepare(args, log, checked: Callable[[], None]) -> Plan:
         from sweeps.records.registry import check_registry
 
         check_registry(args.tracking_uri, args.register)
+    from trainables.data import DataHandle, scan
+
+    # The user's folder is listed before Ray starts: its report names every problem at once.
+    root = None if is_demo else Path(args.data).expanduser()
+    dataset = None if is_demo else scan(root, val_fraction=args.val_fraction, seed=args.split_seed)
     checked()
 
     from sweeps.plan import model_check
     from sweeps.plan.inputs import sweep_inputs
-    from trainables.data import DataHandle, scan
 
     _check_frozen_depth(space, model)
     _check_gpus(args)
     cfg = space.config()
-    root = demo.transfer_folder() if is_demo else Path(args.data).expanduser()
-    dataset = scan(root, val_fraction=args.val_fraction, seed=args.split_seed)
+    if is_demo:
+        root = demo.transfer_folder()
+        dataset = scan(root, val_fraction=args.val_fraction, seed=args.split_seed)
     weights = args.weights or fixed.get("weights") or ("demo" if is_demo else cfg.weights)
     if weights == "demo":
         weights = str(demo.pretrained_backbone(model, cfg.image_size, log=log))
