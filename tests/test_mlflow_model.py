@@ -4,6 +4,7 @@ paths, the classes and probabilities sweeps/tools/predict.py writes for the same
 
 import csv
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from sweeps.records.tracking import TAG_ROLE, TAG_SWEEP
 from sweeps.records.writer import Writer
 from sweeps.tools import predict
 
-from conftest import write_image_folder
+from conftest import ROOT, write_image_folder
 
 CLASSES = ["cat", "dog", "fox"]
 
@@ -173,3 +174,30 @@ def test_probabilities_are_the_softmax_of_the_sweeps_val_batches():
     with torch.no_grad():
         want = torch.softmax(net(x), 1)
     torch.testing.assert_close(mlflow_model.probabilities(net, meta, images, 2), want)
+
+
+def test_the_model_loads_and_predicts_where_the_project_cannot_be_imported(tmp_path, images):
+    """A serving host has MLflow, torch and torchvision but not this project: the model's
+    code/ must hold everything it imports. ``python -S`` skips the site hooks (this
+    checkout's editable install among them); only site-packages goes on the path."""
+    import subprocess
+    import sys
+    import sysconfig
+
+    from sweeps.records import mlflow_model
+
+    best = tiny_best(tmp_path / "best")
+    saved = mlflow_model.save(best, tmp_path / "model")
+    code = ("import sys, sysconfig\n"
+            f"sys.path[:] = [p for p in sys.path if p and not p.startswith({str(ROOT)!r})]\n"
+            f"sys.path.append({sysconfig.get_paths()['purelib']!r})\n"
+            "import importlib.util\n"
+            "assert importlib.util.find_spec('trainables') is None and importlib.util.find_spec('sweeps') is None\n"
+            "import mlflow.pyfunc, pandas as pd\n"
+            f"model = mlflow.pyfunc.load_model({str(saved)!r})\n"
+            f"out = model.predict(pd.DataFrame({{'image': {[str(p) for p in images[:3]]!r}}}))\n"
+            "print(list(out['prediction']))")
+    proc = subprocess.run([sys.executable, "-S", "-c", code], cwd=tmp_path, capture_output=True, text=True,
+                          timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert all(c in CLASSES for c in eval(proc.stdout.strip().splitlines()[-1]))

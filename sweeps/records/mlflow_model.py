@@ -10,9 +10,9 @@ per image: ``prediction`` (the class name), ``probability`` (its softmax probabi
 
 The model decodes and normalises each image with the very code the sweep validated with
 (``trainables.data.decode_for``, then ``Batches``' centre crop and normalisation), so it
-predicts what ``sweeps/tools/predict.py`` predicts and what the sweep scored. This module and the
-two ``trainables`` modules it needs travel inside the model (``code/``); it imports nothing
-else of the project.
+predicts what ``sweeps/tools/predict.py`` predicts and what the sweep scored. This module and
+every project module it imports (``SHIPPED``) travel inside the model (``code/``), so it loads
+on a host without the project.
 """
 
 from __future__ import annotations
