@@ -160,12 +160,21 @@ def trial_frame(children: list[Run], histories: dict[str, pd.DataFrame], origin_
     return frame.sort_values("trial").reset_index(drop=True)
 
 
+def best_epoch(curve: pd.DataFrame) -> pd.Series | None:
+    """A trial's best epoch: the highest val_acc and, of tied epochs, the latest (the one whose
+    checkpoint Ray Tune keeps, and the sweep exports)."""
+    if not len(curve):
+        return None
+    ordered = curve.sort_values("epoch")
+    return ordered[ordered["val_acc"] == ordered["val_acc"].max()].iloc[-1]
+
+
 def _trial_row(run: Run, curve: pd.DataFrame, origin_ms: int) -> dict:
     info, tags = run.info, run.data.tags
     outcome = tags.get("outcome", "running")
     if outcome == "running" and info.status in ("FINISHED", "FAILED", "KILLED"):
         outcome = "errored" if info.status != "FINISHED" else "completed"  # closed without a verdict
-    best = curve.loc[curve["val_acc"].idxmax()] if len(curve) else None
+    best = best_epoch(curve)
     end_ms = info.end_time or time.time() * 1000
     row = {
         "trial": int(tags.get("ftsweep.trial_number", 0)), "run_name": info.run_name,

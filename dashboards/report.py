@@ -124,6 +124,7 @@ def header(sweep: Sweep) -> str:
         card("trials", str(len(sweep.trials)),
              ", ".join(f"{n} {o.replace('_', ' ')}" for o, n in counts.items())),
         card("wall time", duration(sweep.wall_s) + running,
+             f"the sweep's MLflow run, start to end; "
              f"{sweep.trials['epochs'].sum() if len(sweep.trials) else 0} trial-epochs in all"),
         card("running at once", f"{mean:.1f}", f"on average; at most {most}"),
     ]

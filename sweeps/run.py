@@ -215,7 +215,8 @@ def _print_end(info: dict, tracker, pending: list) -> None:
     t = info["trials"]
     cut = f", {t['interrupted']} interrupted" if t.get("interrupted") else ""
     print(f"\nTrials: {t['completed']} completed, {t['stopped_early']} stopped early, "
-          f"{t['time_budget']} cut by the time budget, {t['errored']} errored{cut} in {info['wall_s']:.0f} s")
+          f"{t['time_budget']} cut by the time budget, {t['errored']} errored{cut} in {info['wall_s']:.0f} s "
+          "(the whole command, start-up included)")
     best = info["best"]
     if best:
         searched = ", ".join(f"{k}={fmt(best['config'][k])}" for k in tracker.plan.space.search)

@@ -285,3 +285,13 @@ def test_report_draws_a_compared_sweep_on_the_anytime_chart(sweep, tmp_path):
     assert len(page.with_class("anytime")) == 3
     assert report.main(["--sweep", "smoke-report", "--compare", "no-such-sweep", "--tracking-uri", sweep["uri"],
                         "--no-log"]) == 2
+
+
+def test_of_tied_epochs_the_latest_is_the_best():
+    import pandas as pd
+
+    from dashboards.frame import best_epoch
+
+    curve = pd.DataFrame({"epoch": [1, 2, 3, 4], "val_acc": [0.5, 0.9, 0.9, 0.7]})
+    assert int(best_epoch(curve)["epoch"]) == 3
+    assert best_epoch(curve.iloc[:0]) is None

@@ -165,3 +165,15 @@ def test_a_last_training_batch_of_one_joins_the_batch_before_it(image_folder, tm
     val_x, val_y = data.arrays("val")
     val = Batches(val_x, val_y, len(val_y) - 1, mean=data.mean, std=data.std, shuffle=False)
     assert sum(len(b) for b, _ in val) == len(val_y)  # validation never folds nor drops
+
+
+def test_of_tied_epochs_the_trial_names_the_latest_as_its_best(handle, tmp_path):
+    """An lr too small to change a prediction: every epoch ties on val_acc. The trial's best
+    epoch is the last, as the checkpoint Ray Tune keeps on a tie and the report name it."""
+    seen = []
+    from trainables.models import num_stages
+
+    frozen = num_stages("resnet18")  # BatchNorm's running statistics frozen too
+    run_trial(tiny(lr=1e-12, max_epochs=3, frozen_depth=frozen), handle, collect(seen, tmp_path), threads=1)
+    assert len({m["val_acc"] for m in seen}) == 1
+    assert torch.load(tmp_path / "epoch3.pt", weights_only=True)["state"]["best_epoch"] == 3

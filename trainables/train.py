@@ -134,7 +134,7 @@ def run_trial(config: TrialConfig | dict, data: DataHandle, report: Report | Non
             return metrics
         train_s = time.perf_counter() - t0
         val_loss, val_acc = evaluate(step, val)
-        if val_acc > state["best_val_acc"]:
+        if val_acc >= state["best_val_acc"]:  # of tied epochs the latest is best, as Ray keeps it
             state.update(best_val_acc=val_acc, best_epoch=epoch)
         if val_acc > state["phase_best_val_acc"]:  # patience counts within fine-tuning or recovery
             state.update(phase_best_val_acc=val_acc, phase_best_epoch=epoch)
