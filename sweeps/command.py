@@ -1,4 +1,4 @@
-"""The ``ftsweep`` command: ``ftsweep run|submit|report|predict|export [FLAGS]``.
+"""The ``ftsweep`` command: ``ftsweep run|submit|report|predict|export|register [FLAGS]``.
 
 Each subcommand is one of the project's scripts: the rest of the command line goes to that
 script's ``main`` unchanged, so the flags, the help and the exit codes are the script's own
@@ -21,6 +21,8 @@ COMMANDS = {
     "predict": ("sweeps.tools.predict", "sweeps/tools/predict.py",
                 "classify a folder of images with a sweep's best model"),
     "export": ("sweeps.tools.export", "sweeps/tools/export.py", "export a sweep's best model as TorchScript or ONNX"),
+    "register": ("sweeps.tools.register", "sweeps/tools/register.py",
+                 "register a finished sweep's best model (the champion alias moves only on a better val_acc)"),
 }
 
 

@@ -36,6 +36,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + signal.SIGINT
     info = execute(plan, started, opened=opened)
     print(storage.join(plan.sweep_dir, "sweep_summary.json"))
+    if info["best"] is not None and not info.get("interrupted"):  # on stderr: stdout's last line stays the path
+        print("\n".join(next_steps(plan.name, info["tracking_uri"], info["experiment_id"])), file=sys.stderr)
     if info.get("interrupted"):  # a stopped sweep is not a finished one: 130 for Ctrl-C, 143 for SIGTERM
         return 128 + signal.Signals[info["interrupted"]["signal"]].value
     return 0 if info["best"] is not None else 1
@@ -236,6 +238,21 @@ def _print_end(info: dict, tracker, pending: list) -> None:
         how = "Ctrl-C" if info["interrupted"]["signal"] == "SIGINT" else info["interrupted"]["signal"]
         print(f"INTERRUPTED ({how}): the sweep did not finish; its MLflow run is marked KILLED. "
               f"To continue it, {info['interrupted']['resume']}", file=sys.stderr)
+
+
+def next_steps(name: str, tracking_uri: str, experiment_id: str) -> list[str]:
+    """What to do with a finished sweep, as commands with its real names."""
+    uri = f" --tracking-uri {tracking_uri}"
+    view = f"#/experiments/{experiment_id}?workflowType=machine_learning"  # the training runs, not GenAI
+    if tracking_uri.startswith(("http://", "https://")):
+        ui = f"  open {tracking_uri.rstrip('/')}/{view}"
+    else:
+        ui = f"  mlflow ui --backend-store-uri {tracking_uri}   then open http://127.0.0.1:5000/{view}"
+    return ["Next:",
+            f"  ftsweep report{uri} --sweep {name}",
+            ui,
+            f"  ftsweep predict{uri} --run {name} --images DIR --out predictions.csv",
+            f"  ftsweep register{uri} --run {name} MODEL_NAME"]
 
 
 def resume_hint(plan) -> str:

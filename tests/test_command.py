@@ -16,7 +16,8 @@ from sweeps import command
 from conftest import ROOT
 
 SCRIPTS = {"run": "sweeps/run.py", "submit": "sweeps/tools/submit.py", "report": "dashboards/report.py",
-           "predict": "sweeps/tools/predict.py", "export": "sweeps/tools/export.py"}
+           "predict": "sweeps/tools/predict.py", "export": "sweeps/tools/export.py",
+           "register": "sweeps/tools/register.py"}
 
 
 def installed_command() -> list[str]:
@@ -177,3 +178,16 @@ def test_ftsweep_run_then_report(tmp_path, image_folder, cache_dir):
     assert "by-command" in (tmp_path / "r.html").read_text()
     missing = ftsweep("report", "--tracking-uri", uri, "--sweep", "no-such-sweep", cwd=tmp_path, timeout=300)
     assert missing.returncode == 2 and "no-such-sweep" in missing.stderr
+
+
+def test_a_finished_sweep_says_what_to_do_next_with_its_names():
+    from sweeps.run import next_steps
+
+    local = "\n".join(next_steps("s1", "sqlite:///m.db", "7"))
+    assert "ftsweep report --tracking-uri sqlite:///m.db --sweep s1" in local
+    assert "mlflow ui --backend-store-uri sqlite:///m.db" in local
+    assert "http://127.0.0.1:5000/#/experiments/7?workflowType=machine_learning" in local
+    assert "ftsweep predict --tracking-uri sqlite:///m.db --run s1" in local
+    assert "ftsweep register --tracking-uri sqlite:///m.db --run s1 MODEL_NAME" in local
+    served = "\n".join(next_steps("s1", "http://mlflow:5000/", "7"))
+    assert "open http://mlflow:5000/#/experiments/7?workflowType=machine_learning" in served

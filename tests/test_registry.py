@@ -126,3 +126,24 @@ def test_a_sweep_registers_its_best_model_and_logs_its_dataset(store, image_fold
         assert {t.key: t.value for t in given.tags} == {"mlflow.data.context": "training"}
     found = client.search_runs([summary["experiment_id"]], f"dataset.digest = '{fingerprint}'")
     assert len(found) == 3
+
+
+def test_a_finished_sweep_is_registered_afterwards_by_the_same_rules(tmp_path, capsys):
+    """``ftsweep register --run SWEEP NAME``: a version per sweep, the champion only on a better
+    val_acc on the same data; a sweep still running, or an unknown one, exits 2."""
+    from sweeps.command import main as ftsweep
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = MlflowClient(uri)
+    for i, (name, acc) in enumerate([("first", 0.6), ("worse", 0.5)]):
+        run_id = logged_sweep(uri, tmp_path / name, name, seed=i, val_acc=acc)
+        client.log_metric(run_id, "best_val_acc", acc)
+        client.set_tag(run_id, "dataset_fingerprint", "fp")
+        assert ftsweep(["register", "--tracking-uri", uri, "--run", name, "digits"]) == 0
+    said = capsys.readouterr().out
+    assert "champion -> digits version 1" in said and "champion stays digits version 1" in said
+    running = client.create_run(client.get_experiment_by_name("tiny").experiment_id,
+                                tags={"ftsweep.sweep": "open", "ftsweep.role": "parent"}).info.run_id
+    assert ftsweep(["register", "--tracking-uri", uri, "--run", running, "digits"]) == 2
+    assert ftsweep(["register", "--tracking-uri", uri, "--run", "nosuch", "digits"]) == 2
+    assert "no sweep named 'nosuch'" in capsys.readouterr().err
