@@ -34,7 +34,19 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("INTERRUPTED (Ctrl-C) before the sweep started", file=sys.stderr)
         return 128 + signal.SIGINT
-    info = execute(plan, started, opened=opened)
+    from sweeps.tune.signals import Terminated
+
+    try:
+        info = execute(plan, started, opened=opened)
+    except (KeyboardInterrupt, Terminated) as e:
+        how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
+        print(f"INTERRUPTED ({how}); {'; '.join(getattr(e, '__notes__', []))}. To finish the sweep, "
+              f"{resume_hint(plan)}", file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
+    except Exception as e:  # noqa: BLE001 - said in a line; the parent run says FAILED, with it
+        print(f"error: the sweep failed: {type(e).__name__}: {e}; {'; '.join(getattr(e, '__notes__', []))}. "
+              f"To finish it, {resume_hint(plan)}", file=sys.stderr)
+        return 1
     print(storage.join(plan.sweep_dir, "sweep_summary.json"))
     if info["best"] is not None and not info.get("interrupted"):  # on stderr: stdout's last line stays the path
         print("\n".join(next_steps(plan.name, info["tracking_uri"], info["experiment_id"])), file=sys.stderr)
@@ -151,17 +163,40 @@ def check_cluster(plan) -> None:
 
 def execute(plan, started: float | None = None, trainable=None, opened=None, state=None) -> dict:
     """Run a checked plan: MLflow parent run (``opened`` by ``plan_and_join_ray``, or now), Tuner
-    fit, best checkpoint, summary. ``state`` (a new one by default) records the sweep's decisions."""
-    from sweeps.records import best_model, registry
-    from sweeps.records.state import SweepState
-    from sweeps.records.tracking import MlflowTrials, trial_id_of
-    from sweeps.results import retention, summary
+    fit, best checkpoint, summary. ``state`` (a new one by default) records the sweep's decisions.
+    Whatever stops it once its MLflow run is open (an error, Ctrl-C, SIGTERM) ends that run
+    FAILED or KILLED, the reason in its stop_reason, and is raised again."""
     from sweeps.tune import driver, signals
 
     started = started or time.time()
     if opened is None:  # a trainable of one's own: refused before the sweep opens, if it cannot resume
         driver.check_resumable(plan.space, trainable or driver.trainable)
     folder, tracker = opened or open_sweep(plan)
+    try:
+        with signals.sigterm_raises():
+            return _run_opened(plan, started, trainable, state, folder, tracker)
+    except BaseException as e:
+        killed = isinstance(e, (KeyboardInterrupt, signals.Terminated))
+        what = (f"interrupted by {'SIGTERM' if isinstance(e, signals.Terminated) else 'SIGINT'}" if killed
+                else f"{type(e).__name__}: {e}")
+        status = None
+        with contextlib.suppress(Exception):  # the fault itself is what the caller must hear of
+            status = tracker.abort(f"{what}; to finish, {resume_hint(plan)}", killed)
+        with contextlib.suppress(Exception):
+            folder.close()
+        e.add_note(f"the sweep's MLflow run {tracker.parent_id} is marked {status}" if status
+                   else f"the sweep's MLflow run {tracker.parent_id} had ended already")
+        raise
+
+
+def _run_opened(plan, started: float, trainable, state, folder, tracker) -> dict:
+    """``execute`` once the sweep's folder and MLflow run are open."""
+    from sweeps.records import best_model, registry
+    from sweeps.records.state import SweepState
+    from sweeps.records.tracking import MlflowTrials, trial_id_of
+    from sweeps.results import retention, summary
+    from sweeps.tune import driver, signals
+
     sweep_dir = folder.local
     print(f"Sweep {plan.name}: space {plan.space.name}, {plan.trials} trials, "
           f"{len(plan.data.dataset)} images in {len(plan.data.classes)} classes; "

@@ -100,6 +100,7 @@ class SweepTracker:
         self.outcomes: dict[str, str] = {}  # per ended trial, as tagged in MLflow
         self.started: set[str] = set()
         self.paused: set[str] = set()  # trials waiting at a rung (a pausing scheduler)
+        self.closing = False  # the parent run's end is queued
         self._start_parent()  # in this process: the sweep needs its parent run id now
         self.started |= set(self.write.run_ids) - {"parent"}  # trials that have a run, or one queued
         # from here on, writes leave through a child process: Tune's loop never waits on MLflow
@@ -270,7 +271,23 @@ class SweepTracker:
             self.write("batch", "parent", metrics=[], tags={TAG_STOP_REASON: interrupted})
         status = "KILLED" if interrupted else "FAILED" if failed else "FINISHED"
         self.write("end", "parent", status=status, end_time=now_ms())
+        self.closing = True
         return self.write.close()
+
+    def abort(self, reason: str, killed: bool) -> str | None:
+        """End the parent run after a fault stopped the sweep: KILLED (a signal) or FAILED
+        (an error), ``reason`` in its stop_reason; returns that status. None once ``finish``
+        has queued the parent's end: the writer process sends it (or spools it) on its own."""
+        if self.closing:
+            if isinstance(self.write, WriterProcess):
+                self.write.detach()  # the wait for it was what stopped
+            return None
+        self.closing = True
+        status = "KILLED" if killed else "FAILED"
+        self.write("batch", "parent", metrics=[], tags={TAG_STOP_REASON: reason[-5000:]})
+        self.write("end", "parent", status=status, end_time=now_ms())
+        self.write.close()
+        return status
 
 
 def now_ms() -> int:

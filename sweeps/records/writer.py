@@ -236,6 +236,14 @@ class WriterProcess:
                 return
             del self._unsent[:sent]
 
+    def detach(self) -> None:
+        """Stop waiting for the child: it gets what is still here, then sends or spools it on
+        its own (a Ctrl-C during ``close``)."""
+        with contextlib.suppress(OSError):
+            os.set_blocking(self._fd, True)
+            self._push()
+            self._proc.stdin.close()
+
     def close(self, timeout: float = 600) -> list:
         started = time.monotonic()
         os.set_blocking(self._fd, True)

@@ -6,6 +6,7 @@ holds: ``Tuner.restore`` brings back the first run's callback, whose state is th
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -61,6 +62,28 @@ class CtrlC:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 signal.signal(sig, note)
+
+
+class Terminated(BaseException):
+    """A SIGTERM outside ``Tuner.fit()`` (while the sweep ends): it stops the driver as Ctrl-C's
+    KeyboardInterrupt does, so the sweep's MLflow run is ended KILLED instead of left RUNNING."""
+
+
+@contextlib.contextmanager
+def sigterm_raises():
+    """Within it, SIGTERM raises ``Terminated`` in the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(sig, frame):
+        raise Terminated(signal.Signals(sig).name)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 class NoteSignals(Callback):
