@@ -215,10 +215,9 @@ def _run_opened(plan, started: float, trainable, state, folder, tracker) -> dict
     if ctrl_c.caught is None:  # an interrupted sweep's running trials stay open for --resume, as after a kill
         tracker.reconcile(results, state)
 
-    best = summary.best_trial(results)
     best_dir = sweep_dir / "best"
+    best = summary.export_readable_best(results, best_dir)
     if best is not None:
-        summary.export_best(best[2], best_dir)
         best_model.log_model(tracker, best_dir, sweep_dir / "model")  # the MLflow Model, runs:/<parent>/model
     # what --resume and the best trials still need stays; the rest of the checkpoints go
     checkpoints = retention.retain(results, tracker.outcomes, plan.keep_checkpoints, trial_id_of)

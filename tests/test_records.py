@@ -2,6 +2,7 @@
 time budget's cuts told apart from ASHA's, counted alike in MLflow, the summary and the
 live status."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
@@ -194,3 +195,27 @@ def test_set_seed_is_the_sweeps_seed_and_the_split_has_its_own(image_folder, tmp
     assert by_flag.data.dataset.val == default.data.dataset.val
     assert by_flag.data.dataset.fingerprint == default.data.dataset.fingerprint
     assert plan("--split-seed", "1").data.dataset.val != default.data.dataset.val
+
+
+def test_a_damaged_best_checkpoint_gives_way_to_the_best_readable_one(tmp_path, capsys):
+    import torch
+    from ray.tune import Checkpoint
+
+    def checkpoint(name, val_acc, epoch):
+        folder = tmp_path / name
+        folder.mkdir()
+        torch.save({"config": {"model": "resnet18"}, "classes": ["a", "b"], "image_size": 16, "mean": [0.5] * 3,
+                    "std": [0.2] * 3, "state": {"best_val_acc": val_acc, "epoch": epoch},
+                    "model": {"w": torch.zeros(2)}}, folder / "checkpoint.pt")
+        return Checkpoint.from_directory(str(folder))
+
+    best, second = checkpoint("best", 0.9, 3), checkpoint("second", 0.8, 2)
+    data = (tmp_path / "best" / "checkpoint.pt").read_bytes()
+    (tmp_path / "best" / "checkpoint.pt").write_bytes(data[:len(data) // 2])  # cut off
+    results = [SimpleNamespace(best_checkpoints=[(best, {"val_acc": 0.9})]),
+               SimpleNamespace(best_checkpoints=[(second, {"val_acc": 0.8})])]
+    found = summary.export_readable_best(results, tmp_path / "out")
+    assert found is not None and found[1]["val_acc"] == 0.8
+    assert "cannot be read" in capsys.readouterr().out
+    assert (tmp_path / "out" / "model.pt").exists()
+    assert json.loads((tmp_path / "out" / "meta.json").read_text())["epoch"] == 2

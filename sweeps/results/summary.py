@@ -55,14 +55,24 @@ def anytime_curve(results, origin: float) -> list[list[float]]:
     return points
 
 
-def best_trial(results):
-    """The result, epoch metrics and checkpoint of the best epoch of any trial, or None."""
-    best = None
-    for r in results:
-        for ckpt, metrics in r.best_checkpoints or []:
-            if METRIC in metrics and (best is None or metrics[METRIC] > best[1][METRIC]):
-                best = (r, metrics, ckpt)
-    return best
+def ranked_checkpoints(results) -> list:
+    """Every kept checkpoint as (result, epoch metrics, checkpoint), best val_acc first; the
+    sort is stable, so of tied ones the earlier trial's goes first."""
+    kept = [(r, metrics, ckpt) for r in results for ckpt, metrics in r.best_checkpoints or [] if METRIC in metrics]
+    return sorted(kept, key=lambda k: -k[1][METRIC])
+
+
+def export_readable_best(results, out_dir: Path, log=print):
+    """Export the best checkpoint that can be read (``export_best``); a damaged one is named
+    and passed over for the next best. Returns its (result, metrics, checkpoint), or None."""
+    for result, metrics, checkpoint in ranked_checkpoints(results):
+        try:
+            export_best(checkpoint, out_dir)
+            return result, metrics, checkpoint
+        except Exception as e:  # noqa: BLE001 - torch.load of a damaged file raises many types
+            log(f"WARNING: checkpoint {checkpoint.path} (val_acc {metrics[METRIC]:.4f}) cannot be read "
+                f"({type(e).__name__}: {str(e)[:200]}); taking the next best")
+    return None
 
 
 def export_best(checkpoint, out_dir: Path) -> dict:
