@@ -91,3 +91,24 @@ def test_a_sweep_with_skip_bad_images_runs_and_logs_the_list(broken, tmp_path, c
     local = client.download_artifacts(parent.info.run_id, "skipped_files.txt", str(tmp_path))
     listed = open(local).read()
     assert "truncated.jpg" in listed and "empty.png" in listed and "notes.txt" in listed
+
+
+def test_links_that_lead_nowhere_and_names_that_are_not_utf8_are_bad_files(tmp_path):
+    import os
+
+    root = write_image_folder(tmp_path / "pets", per_class=6)
+    (root / "cat" / "gone.jpg").symlink_to(tmp_path / "nowhere.jpg")
+    (root / "cat" / "loop.png").symlink_to(root / "cat" / "loop.png")
+    jpg = next((root / "dog").glob("*.jpg"))
+    with open(os.path.join(os.fsencode(root / "dog"), b"caf\xe9.jpg"), "wb") as f:  # Latin-1, not UTF-8
+        f.write(jpg.read_bytes())
+    ds = scan(root, val_fraction=0.3)  # listed, not a traceback
+    with pytest.raises(DataError) as err:
+        DataHandle(ds, 16, str(tmp_path / "cache")).prepare(skip_bad=False)
+    msg = str(err.value)
+    assert "3 problem(s)" in msg, msg
+    assert "gone.jpg: broken or looping symbolic link" in msg and "loop.png: broken or looping symbolic link" in msg
+    assert "caf\\xe9.jpg: file name is not valid UTF-8" in msg
+    msg.encode("utf-8")  # printable as it is
+    kept = DataHandle(ds, 16, str(tmp_path / "cache")).prepare(skip_bad=True)
+    assert len(kept.dataset) == 12 and len(kept.dataset.skipped) == 3

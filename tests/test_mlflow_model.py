@@ -201,3 +201,14 @@ def test_the_model_loads_and_predicts_where_the_project_cannot_be_imported(tmp_p
                           timeout=300, env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert all(c in CLASSES for c in eval(proc.stdout.strip().splitlines()[-1]))
+
+
+def test_predict_writes_names_that_are_not_utf8_escaped(store, tmp_path):
+    uri, run_id = store
+    folder = write_image_folder(tmp_path / "imgs", classes=("a",), per_class=2)
+    first = sorted((folder / "a").iterdir())[0]
+    os.rename(first, os.path.join(os.fsencode(folder / "a"), b"caf\xe9" + os.fsencode(first.suffix)))
+    out = tmp_path / "preds.csv"
+    assert predict.main(["--tracking-uri", uri, "--run", run_id, "--images", str(folder), "--out", str(out)]) == 0
+    rows = list(csv.DictReader(open(out, encoding="utf-8")))
+    assert len(rows) == 2 and any(r["path"].endswith(f"caf\\xe9{first.suffix}") for r in rows)

@@ -60,6 +60,7 @@ class Dataset:
     val: Split
     fingerprint: str
     not_images: tuple[str, ...] = ()  # files in class folders without an image extension
+    unusable: tuple[str, ...] = ()  # "path: reason" of image files no one can open (links, names)
     skipped: tuple[str, ...] = ()  # "path: reason" of files left out by --skip-bad-images
 
     def __len__(self) -> int:
@@ -72,17 +73,38 @@ class Dataset:
             return Split(tuple(p for p, _ in kept), tuple(y for _, y in kept))
 
         train, val = keep(self.train), keep(self.val)
-        skipped = [f"{p}: not an image" for p in self.not_images] + [f"{p}: {r}" for p, r in bad.items()]
-        return Dataset(self.root, self.classes, train, val, fingerprint(train, val), (),
+        skipped = [*self.problems(), *(f"{shown(p)}: {r}" for p, r in bad.items())]
+        return Dataset(self.root, self.classes, train, val, fingerprint(train, val), (), (),
                        self.skipped + tuple(skipped))
+
+    def problems(self) -> list[str]:
+        """The files found while listing that are not usable images, as "path: reason"."""
+        return [f"{shown(p)}: not an image" for p in self.not_images] + list(self.unusable)
+
+
+def shown(path: str) -> str:
+    """A path as it can be printed: bytes that are not UTF-8 as \\x escapes."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
+def unusable_reason(path: Path) -> str | None:
+    """Why an image file found while listing can never be opened, or None."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        return "file name is not valid UTF-8"
+    if not path.exists():  # a dangling link, or one that loops
+        return "broken or looping symbolic link"
+    return None
 
 
 def is_hidden(path: Path) -> bool:
     return path.name.startswith(".") or path.name in ("Thumbs.db", "desktop.ini")
 
 
-def _class_folder(folder: Path, problems: list[str]):
-    """Classes, image paths, labels and non-image files of one ImageFolder directory."""
+def _class_folder(folder: Path, problems: list[str], unusable: list[str]):
+    """Classes, image paths, labels and non-image files of one ImageFolder directory; files no
+    one can open go to ``unusable``."""
     classes = sorted(d.name for d in folder.iterdir() if d.is_dir() and not is_hidden(d))
     paths, labels, others = [], [], []
     for label, name in enumerate(classes):
@@ -90,7 +112,10 @@ def _class_folder(folder: Path, problems: list[str]):
         for p in sorted((folder / name).rglob("*")):
             if p.is_dir() or any(is_hidden(Path(part)) for part in p.relative_to(folder).parts):
                 continue
-            if p.suffix.lower() in IMAGE_EXTENSIONS:
+            reason = unusable_reason(p)
+            if reason:
+                unusable.append(f"{shown(str(p))}: {reason}")
+            elif p.suffix.lower() in IMAGE_EXTENSIONS:
                 paths.append(str(p))
                 labels.append(label)
                 found += 1
@@ -114,27 +139,28 @@ def scan(root: str | Path, val_fraction: float = 0.2, seed: int = 0) -> Dataset:
     if not root.is_dir():
         raise DataError(f"data folder not found: {root}")
     problems: list[str] = []
+    unusable: list[str] = []
     if (root / "train").is_dir() and (root / "val").is_dir():
-        classes, train_paths, train_labels, others = _class_folder(root / "train", problems)
-        val_classes, val_paths, val_labels, val_others = _class_folder(root / "val", problems)
+        classes, train_paths, train_labels, others = _class_folder(root / "train", problems, unusable)
+        val_classes, val_paths, val_labels, val_others = _class_folder(root / "val", problems, unusable)
         others += val_others
         for name in sorted(set(classes) ^ set(val_classes)):
             where = "train" if name in classes else "val"
             problems.append(f"{root / where / name}: class {name!r} is in {where} but not in "
                             f"{'val' if where == 'train' else 'train'}")
     else:
-        classes, train_paths, train_labels, others = _class_folder(root, problems)
+        classes, train_paths, train_labels, others = _class_folder(root, problems, unusable)
         val_paths, val_labels = [], []
     if len(classes) < 2:
         problems.append(f"{root}: need at least two class folders, found {len(classes)}")
     if problems:
-        problems += [f"{p}: not an image" for p in others]
+        problems += [f"{shown(p)}: not an image" for p in others] + unusable
         problems += unreadable([*train_paths, *val_paths])
         raise DataError(_listing(root, problems))
     train, val = Split(tuple(train_paths), tuple(train_labels)), Split(tuple(val_paths), tuple(val_labels))
     if not val_paths:
         train, val = _stratified_split(root, train_paths, train_labels, val_fraction, seed)
-    return Dataset(str(root), tuple(classes), train, val, fingerprint(train, val), tuple(others))
+    return Dataset(str(root), tuple(classes), train, val, fingerprint(train, val), tuple(others), tuple(unusable))
 
 
 def unreadable(paths: list[str]) -> list[str]:
@@ -362,11 +388,11 @@ def _build(handle: DataHandle, workers: int, skip_bad: bool) -> DataHandle:
         bad = {}
         for name in ("train", "val"):
             bad |= _decode_split(getattr(ds, name), handle.image_size, workers, tmp / f"{name}_x.npy")
-        if (bad or ds.not_images) and not skip_bad:
-            problems = [f"{p}: not an image" for p in ds.not_images] + [f"{p}: {r}" for p, r in bad.items()]
+        if (bad or ds.problems()) and not skip_bad:
+            problems = ds.problems() + [f"{shown(p)}: {r}" for p, r in bad.items()]
             raise DataError(_listing(ds.root, problems) +
                             "\nfix or remove them, or pass --skip-bad-images to leave them out")
-        if bad or ds.not_images:
+        if bad or ds.problems():
             handle = replace(handle, dataset=ds.without(bad))
             if cache_problem(handle.path) is None:
                 return handle

@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # run as a script: make the project importable
 
 from sweeps.errors import UsageError  # noqa: E402
 from sweeps.records.best_model import add_run_arguments  # noqa: E402
-from trainables.data import IMAGE_EXTENSIONS, is_hidden  # noqa: E402
+from trainables.data import IMAGE_EXTENSIONS, is_hidden, shown  # noqa: E402
 
 EPILOG = """CSV columns: path, prediction (class name), probability (its softmax probability),
 then top2, top2_prob, ... up to --top-k. Rows are in path order.
@@ -89,7 +89,7 @@ def classify(best, paths: list[Path], top_k: int, batch_size: int, device: str, 
             top_p, top_i = probs.topk(top_k, dim=1)
             for path, ps, idx in zip(read, top_p.tolist(), top_i.tolist(), strict=True):
                 ranked = [(best.classes[i], f"{q:.6f}") for i, q in zip(idx, ps, strict=True)]
-                rows.append([str(path), *[v for pair in ranked for v in pair]])
+                rows.append([shown(str(path)), *[v for pair in ranked for v in pair]])  # UTF-8, \x escapes
     return rows, unreadable
 
 
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, unreadable = classify(best, paths, top_k, args.batch_size or best.val_batch_size,
                                 args.device, max(1, args.workers))
     for path, reason in unreadable:
-        print(f"unreadable: {path}: {reason}", file=sys.stderr)
+        print(f"unreadable: {shown(str(path))}: {reason}", file=sys.stderr)
     if not rows:
         print(f"error: none of the {len(paths)} images under {root} could be read", file=sys.stderr)
         return 1
