@@ -112,3 +112,13 @@ def test_running_as_a_script_exits_2(in_tmp):
 def test_image_size_the_model_cannot_take(in_tmp, capsys, image_folder):
     fails(["--space", "smoke", "--data", str(image_folder), "--weights", "none", "--model", "vit_b_32",
            "--image-size", "32"], capsys, "vit_b_32 does not accept 32x32 images")
+
+
+def test_a_ray_address_where_nothing_listens_exits_2_naming_it(tmp_path, capsys):
+    port = free_port()
+    code = main(["--space", "smoke", "--ray-address", f"127.0.0.1:{port}", "--tracking-uri",
+                 f"sqlite:///{tmp_path}/m.db", "--storage", str(tmp_path / "s")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert f"--ray-address 127.0.0.1:{port}: no Ray cluster answers" in err
+    assert not (tmp_path / "m.db").exists()  # nothing logged

@@ -355,13 +355,35 @@ def _check_tracking_scheme(uri: str) -> None:
                          f"'{scheme}://' (one of: {', '.join(sorted(k for k in known if k))})")
 
 
+def _check_ray_answers(address: str, timeout: float = 5.0) -> None:
+    """A Ray address where nothing listens fails now, in seconds, naming it: ``ray.init``
+    would wait for it without end."""
+    import socket
+    import urllib.parse
+
+    if address in ("auto", "local"):
+        return  # Ray finds (or refuses) these itself, at once
+    url = urllib.parse.urlsplit(address if "://" in address else f"gcs://{address}")
+    try:
+        port = url.port or (10001 if url.scheme == "ray" else 6379)
+    except ValueError:
+        raise UsageError(f"--ray-address {address}: not HOST:PORT or ray://HOST:PORT") from None
+    if not url.hostname:
+        raise UsageError(f"--ray-address {address}: not HOST:PORT or ray://HOST:PORT")
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError as e:
+        raise UsageError(f"--ray-address {address}: no Ray cluster answers at {url.hostname}:{port} ({e}); "
+                         "start it (ray start --head) or pass the address its head printed") from None
+
+
 def _check_resources(args) -> None:
     if args.cpus_per_trial <= 0:
         raise UsageError(f"--cpus-per-trial must be > 0, got {args.cpus_per_trial}")
     if args.gpus_per_trial < 0:
         raise UsageError(f"--gpus-per-trial must be >= 0, got {args.gpus_per_trial}")
     if args.ray_address or os.environ.get("RAY_ADDRESS"):
-        pass  # a cluster's nodes are counted when it is joined (run.check_cluster)
+        _check_ray_answers(args.ray_address or os.environ["RAY_ADDRESS"])  # its nodes: run.check_cluster
     else:
         from ray._private.utils import get_num_cpus  # the CPUs a local Ray declares
 
