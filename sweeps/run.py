@@ -47,9 +47,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: the sweep failed: {type(e).__name__}: {e}; {'; '.join(getattr(e, '__notes__', []))}. "
               f"To finish it, {resume_hint(plan)}", file=sys.stderr)
         return 1
-    print(storage.join(plan.sweep_dir, "sweep_summary.json"))
-    if info["best"] is not None and not info.get("interrupted"):  # on stderr: stdout's last line stays the path
+    if info["best"] is not None and not info.get("interrupted"):
         print("\n".join(next_steps(plan.name, info["tracking_uri"], info["experiment_id"])), file=sys.stderr)
+        sys.stderr.flush()
+    print(storage.join(plan.sweep_dir, "sweep_summary.json"))  # last: scripts read the summary's path here
     if info.get("interrupted"):  # a stopped sweep is not a finished one: 130 for Ctrl-C, 143 for SIGTERM
         return 128 + signal.Signals[info["interrupted"]["signal"]].value
     return 0 if info["best"] is not None else 1

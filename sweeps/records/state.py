@@ -52,8 +52,8 @@ class SweepState:
                 paused: bool = False) -> tuple[str, str]:
         """A trial's outcome and stop reason, from what stopped it. ``budget`` is the
         trial's own epochs (``trial_budget``); ``paused``: it waits at a rung."""
-        if errored or last_result.get("diverged"):
-            return "errored", "diverged" if last_result.get("diverged") else "error"
+        if errored or last_result.get("diverged"):  # the trial's own words, e.g. "loss became nan"
+            return "errored", last_result.get("stop_reason") or ("diverged" if last_result.get("diverged") else "error")
         if int(last_result.get("epoch", 0)) >= budget:
             return "completed", ""
         reason = self.stops.get(trial_id)
