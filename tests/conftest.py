@@ -174,3 +174,13 @@ def shift_newest_checkpoint(trial_dir: Path) -> tuple[str, str]:
             line["checkpoint_dir_name"] = new
     results.write_text("".join(json.dumps(line) + "\n" for line in lines))
     return old, new
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Shut down what in-process sweeps left of Ray while every module is still whole: its
+    core worker's native threads, left to the interpreter's teardown, can crash it there."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()

@@ -2,6 +2,7 @@
 node that declares one GPU. (No CUDA here: the trials only record what Ray gave them.)"""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 
@@ -41,7 +42,29 @@ def run_four_at_once(tmp_path, image_folder, name, trainable, flags=(), resource
     return plan, results
 
 
+def all_running(barrier: Path, n: int):
+    """A function for a trial to call: it returns once ``n`` trials have called it (each leaves
+    a file in ``barrier``), and raises when they never all run at once."""
+    folder = str(barrier)
+
+    def wait() -> None:
+        import os
+        import time
+        import uuid
+
+        open(os.path.join(folder, uuid.uuid4().hex), "w").close()
+        deadline = time.monotonic() + 300
+        while len(os.listdir(folder)) < n:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"only {len(os.listdir(folder))} of {n} trials ever ran at once")
+            time.sleep(0.05)
+    barrier.mkdir(parents=True, exist_ok=True)
+    return wait
+
+
 def test_quarter_gpu_trials_run_four_at_once_on_the_one_gpu(tmp_path, image_folder, cache_dir):
+    wait_for_all = all_running(tmp_path / "barrier", 4)
+
     def on_the_gpu(config, data):
         import time
 
@@ -49,7 +72,7 @@ def test_quarter_gpu_trials_run_four_at_once_on_the_one_gpu(tmp_path, image_fold
         from ray import tune
 
         started = time.time()
-        time.sleep(6)  # long enough for every trial that fits to be running at once
+        wait_for_all()  # every trial that fits is running at once
         tune.report({"epoch": 1, "val_acc": 0.5, "best_val_acc": 0.5, "val_loss": 1.0, "train_loss": 1.0,
                      "lr": config["lr"], "started_at": started, "ended_at": time.time(),
                      "gpu_ids": ",".join(str(g) for g in ray.get_gpu_ids())})
@@ -75,14 +98,16 @@ def test_without_max_concurrent_every_lane_runs_at_once(tmp_path, image_folder, 
 
     monkeypatch.setattr(MlflowTrials, "on_trial_start", counting)
 
+    wait_for_all = all_running(tmp_path / "barrier", 4)
+
     def sleeper(config, data):  # nested: Ray ships it by value, not by this module's name
-        """A trial that imports nothing heavy and sleeps: long enough for every lane to fill."""
+        """A trial that imports nothing heavy and waits until every lane has filled."""
         import time
 
         from ray import tune
 
         started = time.time()
-        time.sleep(8)
+        wait_for_all()
         tune.report({"epoch": 1, "val_acc": config["lr"], "best_val_acc": config["lr"], "val_loss": 1.0,
                      "train_loss": 1.0, "lr": config["lr"], "started_at": started, "ended_at": time.time()})
 

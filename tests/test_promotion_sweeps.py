@@ -139,13 +139,19 @@ def test_a_killed_promotion_sweep_resumes_with_its_paused_trials_paused(tmp_path
         def paused() -> set[str]:
             return {r.data.tags["ftsweep.trial_id"] for r in trial_runs() if r.data.tags.get("outcome") == "paused"}
 
+        def snapshot() -> int:  # when Tune last wrote its record of the trials
+            return max((f.stat().st_mtime_ns for f in (tmp_path / "r" / "killed").glob("experiment_state-*.json")),
+                       default=0)
+
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and driver_proc.poll() is None:
             seen = paused()
             if not seen:
                 time.sleep(0.5)
                 continue
-            time.sleep(1.5)  # Tune snapshots its trials every second
+            before = snapshot()
+            while snapshot() <= before and driver_proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.1)  # until Tune has recorded the trials once more
             if seen & paused():  # still waiting after a snapshot (a promoted one would not be): kill now
                 break
         assert driver_proc.poll() is None, "the sweep finished before it could be killed"

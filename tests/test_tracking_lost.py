@@ -8,12 +8,24 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
 from conftest import RUN, free_port, stop_group, wait_http
 
 pytestmark = pytest.mark.slow
+
+
+def orphaned_writers(since: float) -> list[psutil.Process]:
+    """The MLflow writer processes started since ``since`` (a killed driver's, to wait for:
+    they spool what they hold, then exit)."""
+    out = []
+    for p in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = p.info["cmdline"] or []
+        if p.info["create_time"] >= since and any(c.endswith("sweeps/records/writer.py") for c in cmd):
+            out.append(p)
+    return out
 
 
 def test_sweep_finishes_and_keeps_what_it_could_not_log(tmp_path, cache_dir):
@@ -83,6 +95,7 @@ def test_server_lost_then_driver_killed_then_resume_logs_every_epoch_once(tmp_pa
     driver = None
     try:
         wait_http(f"{uri}/health", proc=server)
+        started = time.time() - 1
         driver = subprocess.Popen(args, cwd=tmp_path, stdout=open(tmp_path / "first.log", "w"),
                                   stderr=subprocess.STDOUT, start_new_session=True)
         client = MlflowClient(uri)
@@ -107,10 +120,9 @@ def test_server_lost_then_driver_killed_then_resume_logs_every_epoch_once(tmp_pa
         if driver is not None:
             stop_group(driver)  # and its local Ray; the MLflow writer has a group of its own
     spool = sweep_dir / "mlflow_pending.jsonl"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not spool.exists():
-        time.sleep(0.5)  # the orphaned writer spools what it holds, then exits
-    time.sleep(3)
+    # the orphaned writer spools what it holds, then exits: wait for its exit
+    psutil.wait_procs(orphaned_writers(started), timeout=120)
+    assert spool.exists()
     pending = [json.loads(line) for line in spool.read_text().splitlines()]
     assert any(p["op"] == "batch" and p.get("metrics") for p in pending)
 
