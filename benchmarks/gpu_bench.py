@@ -20,6 +20,7 @@ same-shape random tensors already on the device; ``feed_efficiency`` = fed / ran
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
@@ -191,15 +192,39 @@ def feed(args, handle: DataHandle, model_name: str) -> dict:
                 lr_schedule(cfg, optimizer, len(fed)), dev, 0, options)
     model.train()
     rates: dict[str, list[float]] = {"fed": [], "random": []}
+    syncs: list[int] = []  # per fed epoch on a GPU: the waits for the device (the loss read at its end is one)
     for epoch in range(args.epochs):
         for kind, batches in (("random", random), ("fed", fed)):
             started = time.perf_counter()
-            _, seen = step.train_epoch(batches)  # reads the loss once: the device has finished
+            with synchronisations(dev if kind == "fed" else None) as seen_syncs:
+                _, seen = step.train_epoch(batches)  # reads the loss once: the device has finished
             if epoch:  # the first epoch of each warms up
                 rates[kind].append(seen / (time.perf_counter() - started))
+                if kind == "fed" and dev.type == "cuda":
+                    syncs.append(len(seen_syncs))
     fed_rate, random_rate = statistics.median(rates["fed"]), statistics.median(rates["random"])
     return {"fed_img_per_s": fed_rate, "random_img_per_s": random_rate,
-            "feed_efficiency": fed_rate / random_rate, "epochs": rates}
+            "feed_efficiency": fed_rate / random_rate, "epochs": rates,
+            "syncs_per_fed_epoch": max(syncs) if syncs else None}
+
+
+@contextlib.contextmanager
+def synchronisations(dev):
+    """On a CUDA device, every operation within that waits for the GPU, as
+    ``torch.cuda.set_sync_debug_mode("warn")`` reports them; elsewhere none are seen."""
+    if dev is None or dev.type != "cuda":
+        yield []
+        return
+    import warnings
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield seen
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    seen[:] = [w for w in seen if "synchroniz" in str(w.message)]
 
 
 def measure(args, handle: DataHandle) -> dict:

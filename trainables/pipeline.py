@@ -33,7 +33,7 @@ RATIO = (3 / 4, 4 / 3)  # RandomResizedCrop's aspect-ratio range, as torchvision
 class HostBatch(NamedTuple):
     images: torch.Tensor  # (B, D, D, 3) uint8, or cached float features
     labels: torch.Tensor  # (B,) int64
-    crops: np.ndarray | None  # (B, 5) int: top, left, height, width, flip; None: centre crop
+    crops: np.ndarray | torch.Tensor | None  # (B, 5) int: top, left, height, width, flip; None: centre crop
 
 
 def crop_params(n: int, side: int, strength: float, hflip: bool,
@@ -81,13 +81,13 @@ class DeviceStage:
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
         self.layout = torch.channels_last if channels_last else torch.contiguous_format
 
-    def __call__(self, images: torch.Tensor, crops: np.ndarray | None = None) -> torch.Tensor:
+    def __call__(self, images: torch.Tensor, crops: np.ndarray | torch.Tensor | None = None) -> torch.Tensor:
         x = images.permute(0, 3, 1, 2)
         if crops is None:
             x = center_crop(x, self.size).float()
         elif x.device.type == "cpu":  # no launch cost to save; the per-image path does less work
             x = torch.cat([resized_crop(img, *p, self.size) for img, p in zip(x.float(), crops.tolist(), strict=True)])
-        else:
+        else:  # Batches moved them here without blocking; an array given directly is copied now
             x = resized_crops(x.float(), torch.as_tensor(crops, device=x.device), self.size)
         x = (x - self.mean) / self.std
         return x.to(self.dtype).contiguous(memory_format=self.layout)
@@ -196,13 +196,18 @@ class Batches:
                 np.take(self.images, idx, axis=0, out=x.numpy())
             else:
                 x = torch.from_numpy(self.images[idx])
-            yield HostBatch(x, self.labels[idx], None if crops is None else crops[start:start + len(idx)])
+            mine = None if crops is None else crops[start:start + len(idx)]
+            if mine is not None and self.pin_memory:  # page-locked, for a copy that does not block
+                mine = torch.from_numpy(mine).pin_memory()
+            yield HostBatch(x, self.labels[idx], mine)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         host = self.host_batches()
         for x, y, crops in (prefetch(host, self.prefetch) if self.prefetch else host):
             x = x.to(self.device, non_blocking=self.pin_memory)
             y = y.to(self.device, non_blocking=self.pin_memory)
+            if isinstance(crops, torch.Tensor):  # pinned: queued behind x, no wait for the device
+                crops = crops.to(self.device, non_blocking=True)
             yield (x if self.stage is None else self.stage(x, crops)), y
 
 
