@@ -4,8 +4,8 @@ every legal ``frozen_depth``, with random weights, two training images and one s
 
 ViT runs at 224 px, the only size torchvision's VisionTransformer accepts for its
 registry models. It is vit_b_32 rather than vit_b_16: the same staged view (embedding and
-12 encoder layers) with a quarter of the tokens, ~2 s a depth instead of ~6. The file
-takes about 50 s on two busy cores, most of it VGG's and ViT's ~0.4 GB of weights.
+12 encoder layers) with a quarter of the tokens, ~2 s a depth instead of ~6. VGG and ViT,
+~0.4 GB of weights between them and most of the file's time, carry the slow mark.
 """
 
 
@@ -21,11 +21,11 @@ from conftest import write_image_folder
 
 FAMILIES = [
     pytest.param("resnet18", 32, id="resnet"),
-    pytest.param("vgg11", 32, id="vgg"),
+    pytest.param("vgg11", 32, id="vgg", marks=pytest.mark.slow),  # ~0.5 GB of weights: seconds a depth
     pytest.param("mobilenet_v3_small", 32, id="mobilenet"),
     pytest.param("efficientnet_b0", 32, id="efficientnet"),
     pytest.param("convnext_tiny", 32, id="convnext"),
-    pytest.param("vit_b_32", 224, id="vit"),
+    pytest.param("vit_b_32", 224, id="vit", marks=pytest.mark.slow),
 ]
 
 

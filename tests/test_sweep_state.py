@@ -101,3 +101,41 @@ def test_a_time_budget_cut_is_recorded_as_the_clocks_everywhere(tmp_path, image_
     assert set(started.values()) == {("time_budget", "time_budget")}
     assert info["trials"]["time_budget"] == len(started) and info["trials"]["stopped_early"] == 0
     assert f"{len(started)} cut by the time budget" in capsys.readouterr().out
+
+
+PATIENCE = """\
+seed: 0
+search:
+  lr: {type: loguniform, low: 1.0e-12, high: 2.0e-12}
+fixed: {batch_size: 3, frozen_depth: 5, max_epochs: 4, patience: 1}
+asha: {grace_period: 4, reduction_factor: 2}
+"""
+ASHA_ONLY = """\
+seed: 0
+search:
+  lr: {type: choice, values: [1.0e-12, 0.05]}
+fixed: {batch_size: 3, frozen_depth: 4, max_epochs: 3}
+asha: {grace_period: 1, reduction_factor: 2}
+tpe: {n_startup_trials: 6}
+"""
+
+
+@pytest.mark.parametrize("space, trials, cause", [(PATIENCE, 2, "patience"), (ASHA_ONLY, 6, "asha")])
+def test_a_stop_is_recorded_with_its_own_cause(tmp_path, image_folder, cache_dir, capsys, space, trials, cause):
+    """Patience alone can stop the first sweep's trials (an lr too small to change anything,
+    ASHA's grace period the whole budget); ASHA alone the second's (no patience, no clock)."""
+    import ray
+
+    from sweeps.run import execute
+
+    try:
+        info = execute(plan_of(tmp_path, image_folder, cause, space, trials))
+    finally:
+        ray.shutdown()
+    tagged = outcomes_in_mlflow(tmp_path, info)
+    stopped = [t for t, (o, _) in tagged.items() if o == "stopped_early"]
+    assert stopped and {tagged[t][1] for t in stopped} == {cause}
+    assert {o for o, _ in tagged.values()} <= {"completed", "stopped_early"}
+    assert info["trials"]["stopped_early"] == len(stopped) and info["trials"]["time_budget"] == 0
+    assert info["trials"]["completed"] == len(tagged) - len(stopped)
+    assert f"{len(stopped)} stopped early" in capsys.readouterr().out
