@@ -68,7 +68,7 @@ def fault(kind: str):
 
 
 @pytest.mark.parametrize("phase, kind, code, status", [
-    ("sweeps.results.summary.export_best", "error", 1, "FAILED"),
+    ("sweeps.results.summary.export_readable_best", "error", 1, "FAILED"),
     ("sweeps.records.best_model.log_model", "sigterm", 128 + signal.SIGTERM, "KILLED"),
     ("sweeps.results.retention.retain", "ctrl_c", 128 + signal.SIGINT, "KILLED"),
 ])
