@@ -40,12 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         info = execute(plan, started, opened=opened)
     except (KeyboardInterrupt, Terminated) as e:
         how = "SIGTERM" if isinstance(e, Terminated) else "Ctrl-C"
-        print(f"INTERRUPTED ({how}); {'; '.join(getattr(e, '__notes__', []))}. To finish the sweep, "
-              f"{resume_hint(plan)}", file=sys.stderr)
+        print(f"INTERRUPTED ({how}); {_notes(e)}. To finish the sweep, {resume_hint(plan)}", file=sys.stderr)
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except Exception as e:  # noqa: BLE001 - said in a line; the parent run says FAILED, with it
-        print(f"error: the sweep failed: {type(e).__name__}: {e}; {'; '.join(getattr(e, '__notes__', []))}. "
-              f"To finish it, {resume_hint(plan)}", file=sys.stderr)
+        print(f"error: the sweep failed: {type(e).__name__}: {e}; {_notes(e)}. To finish it, {resume_hint(plan)}",
+              file=sys.stderr)
         return 1
     if info["best"] is not None and not info.get("interrupted"):
         print("\n".join(next_steps(plan.name, info["tracking_uri"], info["experiment_id"])), file=sys.stderr)
@@ -54,6 +53,11 @@ def main(argv: list[str] | None = None) -> int:
     if info.get("interrupted"):  # a stopped sweep is not a finished one: 130 for Ctrl-C, 143 for SIGTERM
         return 128 + signal.Signals[info["interrupted"]["signal"]].value
     return 0 if info["best"] is not None else 1
+
+
+def _notes(e: BaseException) -> str:
+    """What ``execute`` added to a fault: how the sweep's MLflow run ended."""
+    return "; ".join(getattr(e, "__notes__", []))
 
 
 def plan_and_join_ray(args):

@@ -50,11 +50,6 @@ def parent_filter(name: str) -> str:
     return f"tags.`{TAG_SWEEP}` = '{name}' and tags.`{TAG_ROLE}` = 'parent'"
 
 
-def trials_filter(parent_run_id: str) -> str:
-    """The MLflow filter string that selects the trial runs of a parent run."""
-    return f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.`{TAG_ROLE}` = 'trial'"
-
-
 def find_parent_run(client, sweep: str, experiment_id: str | None = None):
     """The parent run of a sweep, or None. ``sweep`` is its parent run's id or its name.
 

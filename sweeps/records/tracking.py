@@ -37,7 +37,6 @@ from sweeps.records.format import (  # noqa: F401 - OBJECTIVE, MODE, OUTCOMES: a
     TAG_TRIAL,
     TAG_TRIAL_NUMBER,
     find_parent_run,
-    parent_filter,
 )
 from sweeps.records.state import TIME_BUDGET, SweepState
 from sweeps.records.writer import Writer, WriterProcess
@@ -249,8 +248,8 @@ class SweepTracker:
         for trial_id in set(self.trial_numbers) - known:
             if trial_id not in self.ended:
                 self.write("batch", trial_id, metrics=[], tags={
-                    TAG_ROLE: "abandoned", "outcome": "abandoned",
-                    "stop_reason": "driver killed before Ray Tune recorded this trial; rerun as a new trial"})
+                    TAG_ROLE: "abandoned", TAG_OUTCOME: "abandoned",
+                    TAG_STOP_REASON: "driver killed before Ray Tune recorded this trial; rerun as a new trial"})
                 self.write("end", trial_id, status="KILLED", end_time=now_ms())
                 self.ended.add(trial_id)
 
